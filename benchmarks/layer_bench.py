@@ -1,0 +1,214 @@
+"""CondConv layer speed: each strategy as a ratio to the static conv, one process.
+
+    python benchmarks/layer_bench.py            # the README table (CPU: ~10 min)
+    python benchmarks/layer_bench.py --cases pw512 --batches 8 --strategies direct
+
+For each layer shape and batch it times, forward and forward+backward, the
+fastest static conv of the same shape (lax.conv, and for 1x1 an einsum, for
+depthwise the shifted multiply-add form) and the full CondConv layer (routing
++ conditional conv) with each strategy, and prints time / static time. The MAC
+column is the arithmetic floor: (conv + kernel mixing + routing) / conv.
+Absolute times are printed only as a sanity check: on a shared CPU only the
+ratios, measured minutes apart in the same process, are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import condconv_jax
+from condconv_jax import ops
+from condconv_jax.geometry import conv_geometry
+
+NUM_EXPERTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  size: int
+  cin: int
+  cout: int
+  kernel: int
+  groups: int = 1
+
+  def describe(self):
+    kind = 'dw' if self.groups > 1 else f'{self.kernel}x{self.kernel}'
+    return f'{kind} {self.size}x{self.size}x{self.cin}->{self.cout}'
+
+
+CASES = {
+    'pw512': Case('pw512', 14, 512, 512, 1),
+    'pw1024': Case('pw1024', 7, 1024, 1024, 1),
+    'dw512': Case('dw512', 14, 512, 512, 3, groups=512),
+    'conv128': Case('conv128', 28, 128, 128, 3),
+}
+
+
+def time_call(fn, args, budget_s: float, repeats: int) -> float:
+  """Best-of-`repeats` seconds per call; each repeat averages enough calls."""
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - start
+  if once > budget_s:
+    return once
+  calls = max(1, int(0.2 / max(once, 1e-6)))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - start) / calls)
+  return best
+
+
+def static_variants(case: Case, geom):
+  """name -> f(x, kernel) for every exact static form of this conv."""
+  variants = {'lax.conv': lambda x, k: ops.static_conv(x, k, geom)}
+  if case.kernel == 1 and case.groups == 1:
+    variants['einsum'] = lambda x, k: jnp.einsum('bhwc,co->bhwo', x, k[0, 0])
+  if case.groups > 1:
+    variants['shifted'] = (
+        lambda x, k: ops.shifted_depthwise_conv(x, k[None], geom))
+  return variants
+
+
+def condconv_layer(case: Case, strategy: str):
+  def layer(x, params):
+    pooled = jnp.mean(x, axis=(1, 2))
+    routing = jax.nn.sigmoid(pooled @ params['routing'])
+    return condconv_jax.conditional_conv(
+        x, params['experts'], routing, padding='SAME',
+        feature_group_count=case.groups, strategy=strategy)
+  return layer
+
+
+def forward_backward(fn):
+  """Gradient w.r.t. every input of fn(x, w) -> y, for a fixed cotangent."""
+  def loss(x, w):
+    y = fn(x, w)
+    return jnp.vdot(y, jnp.ones_like(y))
+  return jax.grad(loss, argnums=(0, 1))
+
+
+def mac_ratio(case: Case, batch: int, geom) -> float:
+  conv = batch * np.prod(geom.out_spatial) * geom.kernel_elements
+  mixing = batch * NUM_EXPERTS * geom.kernel_elements
+  routing = batch * (case.size * case.size * case.cin + case.cin * NUM_EXPERTS)
+  return (conv + mixing + routing) / conv
+
+
+def measure(case: Case, batch: int, strategies, budget_s, repeats, skip):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, case.size, case.size, case.cin),
+                                      np.float32))
+  kshape = (case.kernel, case.kernel, case.cin // case.groups, case.cout)
+  kernel = jnp.asarray(rng.standard_normal(kshape, np.float32) * 0.05)
+  params = {
+      'experts': jnp.asarray(
+          rng.standard_normal((NUM_EXPERTS, *kshape), np.float32) * 0.05),
+      'routing': jnp.asarray(
+          rng.standard_normal((case.cin, NUM_EXPERTS), np.float32) * 0.05),
+  }
+  geom = conv_geometry(x.shape, kshape, padding='SAME',
+                       feature_group_count=case.groups)
+  rows = []
+  for mode in ('fwd', 'fwd+bwd'):
+    wrap = (lambda f: f) if mode == 'fwd' else forward_backward
+    static = {name: time_call(jax.jit(wrap(f)), (x, kernel), budget_s, repeats)
+              for name, f in static_variants(case, geom).items()}
+    best_name = min(static, key=static.get)
+    base = static[best_name]
+    row = {'case': case.describe(), 'batch': batch, 'mode': mode,
+           'static': f'{best_name} {base * 1e3:.2f}ms',
+           'static/lax.conv': base / static['lax.conv'],
+           'MACs': mac_ratio(case, batch, geom)}
+    for strategy in strategies:
+      reason = skip(case, batch, mode, strategy)
+      if reason:
+        row[strategy] = reason
+        continue
+      fn = jax.jit(wrap(condconv_layer(case, strategy)))
+      row[strategy] = time_call(fn, (x, params), budget_s, repeats) / base
+    if 'auto' in strategies:
+      row['auto ->'] = condconv_jax.strategy.choose(
+          geom, batch, NUM_EXPERTS, jax.default_backend())
+    rows.append(row)
+    print(format_row(row, strategies), flush=True)
+  return rows
+
+
+def known_pathological(case: Case, batch: int, mode: str, strategy: str):
+  """Cells not run on CPU: they take minutes per call or exhaust memory."""
+  if jax.default_backend() != 'cpu' or mode == 'fwd':
+    return None
+  if strategy == 'vmap' and batch >= 64 and case.kernel > 1:
+    return 'skip:B^2'  # grouped-conv kernel grad; dw asks for ~77 GB
+  if strategy == 'experts' and case.groups > 1 and batch >= 8:
+    return 'skip:slow'  # XLA:CPU depthwise backward, minutes per call
+  return None
+
+
+def format_row(row, strategies):
+  cells = [f"{row['case']:<22}", f"{row['batch']:>4}", f"{row['mode']:<8}",
+           f"{row['static']:<20}", f"{row['MACs']:>5.2f}"]
+  for s in strategies:
+    v = row[s]
+    cells.append(f'{v:>9.2f}' if isinstance(v, float) else f'{v:>9}')
+  if 'auto ->' in row:
+    cells.append(f"{row['auto ->']:>8}")
+  return ' '.join(cells)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--cases', nargs='+', default=list(CASES),
+                      choices=list(CASES))
+  parser.add_argument('--batches', nargs='+', type=int, default=None,
+                      help='default: 1 8 64, plus 256 on an accelerator')
+  parser.add_argument('--strategies', nargs='+',
+                      default=['auto', 'direct', 'loop', 'vmap', 'experts'],
+                      choices=list(condconv_jax.STRATEGIES))
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--budget-s', type=float, default=2.0,
+                      help='a cell whose single call takes longer is timed once')
+  parser.add_argument('--run-pathological', action='store_true',
+                      help='also run the CPU cells known to take minutes or OOM')
+  args = parser.parse_args()
+  batches = args.batches or (
+      [1, 8, 64] if jax.default_backend() == 'cpu' else [1, 8, 64, 256])
+  skip = (lambda *a: None) if args.run_pathological else known_pathological
+  print(f'# {platform.processor() or platform.machine()}, '
+        f'{jax.device_count()} x {jax.devices()[0].device_kind}, '
+        f'jax {jax.__version__}, E={NUM_EXPERTS}, float32')
+  print('# cells: layer time / fastest static conv time (same process); '
+        'MACs: arithmetic floor')
+  header = ['case'.ljust(22), 'B'.rjust(4), 'mode'.ljust(8),
+            'static (fastest)'.ljust(20), 'MACs'.rjust(5)]
+  header += [s.rjust(9) for s in args.strategies]
+  if 'auto' in args.strategies:
+    header.append('auto ->'.rjust(8))
+  print(' '.join(header))
+  worst_auto = 0.0
+  for name in args.cases:
+    for batch in batches:
+      for row in measure(CASES[name], batch, args.strategies, args.budget_s,
+                         args.repeats, skip):
+        if isinstance(row.get('auto'), float):
+          worst_auto = max(worst_auto, row['auto'])
+  if 'auto' in args.strategies:
+    print(f'# worst auto / static: {worst_auto:.2f} '
+          f'(bar 1.5, target 1.25)')
+
+
+if __name__ == '__main__':
+  main()
