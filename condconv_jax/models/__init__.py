@@ -1,0 +1,111 @@
+"""The paper's ImageNet models, each with and without CondConv, by name.
+
+    model = get_model('efficientnet_b0', num_experts=8)
+    variables = model.init(key, images, train=False)
+
+num_experts=0 is the static baseline; otherwise CondConv goes where the paper
+puts it (each builder's docstring), overridable with the model's own placement
+arguments (condconv_stages, condconv_layers, condconv_head, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+
+from condconv_jax.models.mbconv import (EFFICIENTNET_B0, MNASNET_A1,
+                                        MOBILENET_V2, MBConvNet)
+from condconv_jax.models.mobilenet_v1 import MobileNetV1
+from condconv_jax.models.resnet import STAGE_SIZES, ResNet
+
+
+def _mobilenet_v1(*, width, depth, **kwargs):
+  """CondConv in separable layers 7-13 and the classifier (600M MADDs)."""
+  _require_depth_one('mobilenet_v1', depth)
+  return MobileNetV1(width=width, **kwargs)
+
+
+def _mobilenet_v2(*, width, depth, **kwargs):
+  """CondConv in the last four stages (64-320 features, the final 11 blocks),
+  the head conv and the classifier: of the final-blocks placements this one
+  matches the paper's 329M MADDs and 27.5M parameters (330.1M, 27.56M; the
+  scan is in the README)."""
+  defaults = dict(stages=MOBILENET_V2, activation='relu6', bn_momentum=0.9,
+                  bn_epsilon=1e-5, padding='symmetric', dropout_rate=0.2,
+                  condconv_stages=(4, 5, 6, 7), condconv_head=True,
+                  condconv_classifier=True, shared_routing=False)
+  return MBConvNet(width=width, depth=depth, **{**defaults, **kwargs})
+
+
+def _mnasnet_a1(*, width, depth, **kwargs):
+  """CondConv in the final block (320 features) and the classifier: of the
+  final-blocks placements this one is closest to the paper's (unverified)
+  325M MADDs (327.0M; the scan is in the README)."""
+  defaults = dict(stages=MNASNET_A1, activation='relu', dropout_rate=0.2,
+                  condconv_stages=(7,), condconv_head=False,
+                  condconv_classifier=True, shared_routing=False,
+                  scale_head_with_width=False)
+  return MBConvNet(width=width, depth=depth, **{**defaults, **kwargs})
+
+
+def _efficientnet(*, width, depth, **kwargs):
+  """CondConv in every block of stages 5-7, one routing function per block
+  shared by its three convs; stem, SE, head and classifier static (the
+  official EfficientNet-CondConv code)."""
+  defaults = dict(stages=EFFICIENTNET_B0, activation='swish', dropout_rate=0.2,
+                  condconv_stages=(5, 6, 7), shared_routing=True)
+  return MBConvNet(width=width, depth=depth, **{**defaults, **kwargs})
+
+
+def _resnet(layers, *, width, depth, **kwargs):
+  """CondConv in every conv of the last stage, shortcut included (+120M)."""
+  _require_depth_one(f'resnet{layers}', depth)
+  return ResNet(depth_layers=layers, width=width, **kwargs)
+
+
+def _require_depth_one(name, depth):
+  if depth != 1.0:
+    raise ValueError(f'{name} has a fixed depth; depth must be 1.0, got '
+                     f'{depth}. Pick another ResNet depth by name instead.')
+
+
+MODELS = {
+    'mobilenet_v1': (_mobilenet_v1, MobileNetV1),
+    'mobilenet_v2': (_mobilenet_v2, MBConvNet),
+    'mnasnet_a1': (_mnasnet_a1, MBConvNet),
+    'efficientnet_b0': (_efficientnet, MBConvNet),
+    **{f'resnet{n}': (functools.partial(_resnet, n), ResNet)
+       for n in STAGE_SIZES},
+}
+
+
+def _fields(module_cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(module_cls)} - {'parent', 'name'}
+
+
+def get_model(name: str, *, num_experts: int = 0, width: float = 1.0,
+              depth: float = 1.0, num_classes: int = 1000,
+              **kwargs) -> nn.Module:
+  """A registered model. kwargs are the model's own fields (dropout_rate,
+  drop_path_rate, bn_momentum, bn_epsilon, activation, padding, dtype,
+  strategy, placement, ...)."""
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid names: '
+                     f'{", ".join(sorted(MODELS))}.')
+  builder, module_cls = MODELS[name]
+  reserved = {'stages', 'depth_layers', 'width', 'depth'}
+  valid = _fields(module_cls) - reserved
+  unknown = sorted(set(kwargs) - valid)
+  if unknown:
+    raise ValueError(f'unknown argument(s) {unknown} for model {name!r}; '
+                     f'valid: {", ".join(sorted(valid))}.')
+  if not isinstance(num_experts, int) or num_experts < 0:
+    raise ValueError(f'num_experts must be an int >= 0 (0 = static), got '
+                     f'{num_experts!r}.')
+  return builder(width=width, depth=depth, num_experts=num_experts,
+                 num_classes=num_classes, **kwargs)
+
+
+__all__ = ['MODELS', 'get_model', 'MBConvNet', 'MobileNetV1', 'ResNet']

@@ -1,0 +1,162 @@
+"""What every model shares: the conv factory (static or CondConv), BN, SE,
+stochastic depth and the classifier.
+
+Models never construct a conv directly: they ask `ConvFactory` for one, with
+`conditional=True` where the placement puts CondConv. So one backbone serves
+the static model and every CondConv variant, and padding style, dtype and
+CondConv strategy are set in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from condconv_jax.layers import CondConv, DepthwiseConv, Routing
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': nn.relu,
+    'relu6': nn.relu6,
+    'swish': nn.swish,
+    'silu': nn.swish,
+}
+PADDINGS = ('SAME', 'symmetric')
+
+
+def activation_fn(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got '
+                     f'{name!r}.')
+  return ACTIVATIONS[name]
+
+
+def conv_padding(style: str, kernel_size: int):
+  """'SAME' (TensorFlow: extra pixel at the end, what the official TF code and
+  timm's tf_* ports use) or 'symmetric' (PyTorch: k//2 on both sides)."""
+  if style == 'SAME':
+    return 'SAME'
+  if style == 'symmetric':
+    return ((kernel_size // 2,) * 2,) * 2
+  raise ValueError(f'padding must be one of {PADDINGS}, got {style!r}.')
+
+
+# He-normal on fan-out, the initializer of the official TF MnasNet/EfficientNet
+# and CondConv code (each expert separately; CondConv applies it per expert).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+dense_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_out',
+                                                     'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvFactory:
+  """Builds a model's convs: static, or CondConv where `conditional`.
+
+  num_experts: 0 makes every conv static whatever `conditional` says.
+  """
+
+  num_experts: int = 0
+  padding: str = 'SAME'
+  dtype: Any = jnp.float32
+  strategy: str = 'auto'
+  routing_dropout: float = 0.0
+
+  def routing(self, name: str) -> nn.Module:
+    """A routing function to share between the convs of one block."""
+    return Routing(self.num_experts, dropout_rate=self.routing_dropout,
+                   name=name)
+
+  def __call__(self, features: int, kernel_size: int, *, strides: int = 1,
+               groups: int = 1, use_bias: bool = False,
+               conditional: bool = False, name: str) -> nn.Module:
+    common = dict(features=features, kernel_size=(kernel_size, kernel_size),
+                  strides=strides,
+                  padding=conv_padding(self.padding, kernel_size),
+                  use_bias=use_bias, dtype=self.dtype,
+                  kernel_init=conv_kernel_init, name=name)
+    if conditional and self.num_experts > 0:
+      return CondConv(feature_group_count=groups, num_experts=self.num_experts,
+                      strategy=self.strategy,
+                      routing=functools.partial(
+                          Routing, dropout_rate=self.routing_dropout),
+                      **common)
+    if groups > 1 and groups == features:
+      return DepthwiseConv(**common)
+    return nn.Conv(feature_group_count=groups, **common)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormFactory:
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  def __call__(self, train: bool, name: str, zero_init: bool = False):
+    return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+                        epsilon=self.epsilon, dtype=self.dtype,
+                        scale_init=(nn.initializers.zeros_init() if zero_init
+                                    else nn.initializers.ones_init()),
+                        name=name)
+
+
+def apply_conv(conv: nn.Module, x, routing_weights=None, *, train=False):
+  """Calls a conv made by ConvFactory: CondConvs take routing weights."""
+  if isinstance(conv, CondConv):
+    return conv(x, routing_weights, deterministic=not train)
+  return conv(x)
+
+
+class SqueezeExcite(nn.Module):
+  """x * sigmoid(W2 act(W1 GAP(x))): reduce to `reduced` channels and back."""
+
+  reduced: int
+  convs: ConvFactory
+  activation: str
+
+  @nn.compact
+  def __call__(self, x):
+    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = self.convs(self.reduced, 1, use_bias=True, name='conv_reduce')(pooled)
+    s = activation_fn(self.activation)(s)
+    s = self.convs(x.shape[-1], 1, use_bias=True, name='conv_expand')(s)
+    return x * nn.sigmoid(s)
+
+
+def drop_path(x, rate: float, module: nn.Module, train: bool):
+  """Stochastic depth on a residual branch: drop whole examples, rescale."""
+  if not train or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep,
+                              (x.shape[0], 1, 1, 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Classifier(nn.Module):
+  """Global-average-pooled features -> logits. Conditional: a 1x1 CondConv
+  over the pooled features (its own routing sees the same pooled input)."""
+
+  num_classes: int
+  convs: ConvFactory
+  conditional: bool = False
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = jnp.mean(x, axis=(1, 2), keepdims=True)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    if self.conditional and self.convs.num_experts > 0:
+      conv = CondConv(self.num_classes, (1, 1),
+                      num_experts=self.convs.num_experts,
+                      strategy=self.convs.strategy, dtype=self.convs.dtype,
+                      kernel_init=dense_kernel_init, name='fc')
+      logits = conv(x, deterministic=not train)
+    else:
+      logits = nn.Dense(self.num_classes, dtype=self.convs.dtype,
+                        kernel_init=dense_kernel_init, name='fc')(x)
+    return jnp.asarray(logits[:, 0, 0, :], jnp.float32)

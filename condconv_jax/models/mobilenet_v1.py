@@ -1,0 +1,60 @@
+"""MobileNetV1 (Howard et al. 2017): a stem and 13 depthwise-separable layers.
+
+CondConv placement is by separable layer number (1-based, as the CondConv
+paper counts them); both the depthwise and the pointwise conv of a chosen
+layer become CondConv, each with its own routing function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from condconv_jax.models.blocks import (Classifier, ConvFactory, NormFactory,
+                                        activation_fn, apply_conv)
+
+# (output features, stride) of the 13 separable layers at width 1.0.
+SEPARABLE_LAYERS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
+                    (1024, 2), (1024, 1))
+
+
+class MobileNetV1(nn.Module):
+  num_classes: int = 1000
+  width: float = 1.0
+  num_experts: int = 0
+  condconv_layers: tuple[int, ...] = (7, 8, 9, 10, 11, 12, 13)
+  condconv_classifier: bool = True
+  activation: str = 'relu'
+  dropout_rate: float = 0.0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-3
+  padding: str = 'SAME'
+  dtype: Any = jnp.float32
+  strategy: str = 'auto'
+  routing_dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    convs = ConvFactory(self.num_experts, self.padding, self.dtype,
+                        self.strategy, self.routing_dropout)
+    norms = NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype)
+    act = activation_fn(self.activation)
+    x = jnp.asarray(x, self.dtype)
+    features = int(32 * self.width)
+    x = convs(features, 3, strides=2, name='conv_stem')(x)
+    x = act(norms(train, 'bn_stem')(x))
+    for number, (out, stride) in enumerate(SEPARABLE_LAYERS, 1):
+      cond = number in self.condconv_layers
+      dw = convs(features, 3, strides=stride, groups=features,
+                 conditional=cond, name=f'sep{number}_dw')
+      x = act(norms(train, f'sep{number}_dw_bn')(apply_conv(dw, x,
+                                                            train=train)))
+      features = int(out * self.width)
+      pw = convs(features, 1, conditional=cond, name=f'sep{number}_pw')
+      x = act(norms(train, f'sep{number}_pw_bn')(apply_conv(pw, x,
+                                                            train=train)))
+    return Classifier(self.num_classes, convs, self.condconv_classifier,
+                      self.dropout_rate, name='classifier')(x, train=train)
