@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from condconv_jax.models.mbconv import (EFFICIENTNET_B0, MNASNET_A1,
                                         MOBILENET_V2, MBConvNet)
-from condconv_jax.models.mobilenet_v1 import MobileNetV1
+from condconv_jax.models.mobilenet_v1 import MINI_LAYERS, MobileNetV1
 from condconv_jax.models.resnet import STAGE_SIZES, ResNet
 
 
@@ -25,6 +25,15 @@ def _mobilenet_v1(*, width, depth, **kwargs):
   """CondConv in separable layers 7-13 and the classifier (600M MADDs)."""
   _require_depth_one('mobilenet_v1', depth)
   return MobileNetV1(width=width, **kwargs)
+
+
+def _mobilenet_v1_mini(*, width, depth, **kwargs):
+  """A 6-separable-layer MobileNetV1 for 28x28 images (the embedded
+  Fashion-MNIST experiment): CondConv in layers 4-6 and the classifier."""
+  _require_depth_one('mobilenet_v1_mini', depth)
+  defaults = dict(separable_layers=MINI_LAYERS, stem_features=16,
+                  stem_strides=2, condconv_layers=(4, 5, 6))
+  return MobileNetV1(width=width, **{**defaults, **kwargs})
 
 
 def _mobilenet_v2(*, width, depth, **kwargs):
@@ -73,6 +82,7 @@ def _require_depth_one(name, depth):
 
 MODELS = {
     'mobilenet_v1': (_mobilenet_v1, MobileNetV1),
+    'mobilenet_v1_mini': (_mobilenet_v1_mini, MobileNetV1),
     'mobilenet_v2': (_mobilenet_v2, MBConvNet),
     'mnasnet_a1': (_mnasnet_a1, MBConvNet),
     'efficientnet_b0': (_efficientnet, MBConvNet),
@@ -95,7 +105,7 @@ def get_model(name: str, *, num_experts: int = 0, width: float = 1.0,
     raise ValueError(f'unknown model {name!r}; valid names: '
                      f'{", ".join(sorted(MODELS))}.')
   builder, module_cls = MODELS[name]
-  reserved = {'stages', 'depth_layers', 'width', 'depth'}
+  reserved = {'stages', 'depth_layers', 'separable_layers', 'width', 'depth'}
   valid = _fields(module_cls) - reserved
   unknown = sorted(set(kwargs) - valid)
   if unknown:

@@ -21,8 +21,15 @@ SEPARABLE_LAYERS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
                     (1024, 2), (1024, 1))
 
 
+# A 6-layer variant for 28x28 inputs (Fashion-MNIST): 14x14 after the stem.
+MINI_LAYERS = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (128, 1))
+
+
 class MobileNetV1(nn.Module):
   num_classes: int = 1000
+  separable_layers: tuple[tuple[int, int], ...] = SEPARABLE_LAYERS
+  stem_features: int = 32
+  stem_strides: int = 2
   width: float = 1.0
   num_experts: int = 0
   condconv_layers: tuple[int, ...] = (7, 8, 9, 10, 11, 12, 13)
@@ -43,10 +50,10 @@ class MobileNetV1(nn.Module):
     norms = NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype)
     act = activation_fn(self.activation)
     x = jnp.asarray(x, self.dtype)
-    features = int(32 * self.width)
-    x = convs(features, 3, strides=2, name='conv_stem')(x)
+    features = int(self.stem_features * self.width)
+    x = convs(features, 3, strides=self.stem_strides, name='conv_stem')(x)
     x = act(norms(train, 'bn_stem')(x))
-    for number, (out, stride) in enumerate(SEPARABLE_LAYERS, 1):
+    for number, (out, stride) in enumerate(self.separable_layers, 1):
       cond = number in self.condconv_layers
       dw = convs(features, 3, strides=stride, groups=features,
                  conditional=cond, name=f'sep{number}_dw')

@@ -1,0 +1,1 @@
+"""Training and evaluation from ml-collections configs (see train.py, eval.py)."""

@@ -1,0 +1,190 @@
+"""Datasets as deterministic, resumable, per-process batch iterators.
+
+Every dataset offers the same interface:
+
+  train_batches(start_step) -> iterator of {'image', 'label'} process-local
+      batches; batch k depends only on (seed, k), so a run resumed at step s
+      sees exactly the batches an uninterrupted run would have seen.
+  eval_batches() -> iterator of {'image', 'label', 'mask'}: every example of
+      the split exactly once; the last batch is padded and masked, and every
+      process yields the same number of batches (collectives stay in step).
+
+Each process reads its own shard: examples process_index::process_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import struct
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (gzipped or not), the format of (Fashion-)MNIST."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4:
+    raise ValueError(f'{path}: not an IDX file (too short).')
+  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  if zero != 0 or dtype_code != 0x08:
+    raise ValueError(f'{path}: not an unsigned-byte IDX file.')
+  shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if body.size != math.prod(shape):
+    raise ValueError(f'{path}: expected {math.prod(shape)} values for shape '
+                     f'{shape}, found {body.size} (truncated file?).')
+  return body.reshape(shape)
+
+
+def load_fashion_mnist(data_dir: str | None = None):
+  """{'train': (images [N,28,28,1] uint8, labels [N]), 'test': ...}."""
+  candidates = ([data_dir] if data_dir else
+                [os.environ.get('FASHION_MNIST_DIR', ''),
+                 *FASHION_MNIST_DIRS])
+  for directory in filter(None, candidates):
+    files = {split: (os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'),
+                     os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'))
+             for split, prefix in (('train', 'train'), ('test', 't10k'))}
+    if all(os.path.exists(p) for pair in files.values() for p in pair):
+      return {split: (read_idx(images)[..., None], read_idx(labels))
+              for split, (images, labels) in files.items()}
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return {split: _arrays(tfds.as_numpy(tfds.load(
+        'fashion_mnist', split=split, batch_size=-1)))
+            for split in ('train', 'test')}
+  except Exception as error:  # No files and no download either.
+    raise FileNotFoundError(
+        'Fashion-MNIST not found. Install the files with '
+        '`apt-get install dataset-fashion-mnist` (they go to '
+        '/usr/share/datasets/fashion-mnist), or point --config.data_dir or '
+        'FASHION_MNIST_DIR at a folder holding train-images-idx3-ubyte.gz, '
+        'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and '
+        't10k-labels-idx1-ubyte.gz, or run where tfds.load("fashion_mnist") '
+        f'can download. (tfds said: {error})') from error
+
+
+def _arrays(batch):
+  return batch['image'], batch['label']
+
+
+@dataclasses.dataclass
+class ArrayDataset:
+  """An in-memory image classification dataset (uint8 images)."""
+
+  train: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+  num_classes: int
+  batch_size: int  # global
+  seed: int
+  mean: float
+  std: float
+  augment: bool = True
+
+  def __post_init__(self):
+    if self.batch_size % jax.process_count():
+      raise ValueError(f'batch_size ({self.batch_size}) must be divisible by '
+                       f'the number of processes ({jax.process_count()}).')
+    self.local_batch = self.batch_size // jax.process_count()
+
+  @property
+  def image_shape(self):
+    return self.train[0].shape[1:]
+
+  @property
+  def num_train(self):
+    return len(self.train[1])
+
+  @property
+  def num_eval(self):
+    return len(self.test[1])
+
+  @property
+  def steps_per_epoch(self):
+    return self.num_train // self.batch_size
+
+  def _normalize(self, images):
+    return (images.astype(np.float32) / 255.0 - self.mean) / self.std
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    images, labels = self.train
+    steps = self.steps_per_epoch
+    step = start_step
+    while True:
+      epoch, index = divmod(step, steps)
+      # One global permutation per epoch; each process takes its slice of
+      # every global batch, so the global batch is independent of P.
+      order = np.random.default_rng([self.seed, epoch]).permutation(
+          self.num_train)
+      start = index * self.batch_size + jax.process_index() * self.local_batch
+      idx = order[start:start + self.local_batch]
+      batch_images = images[idx]
+      if self.augment:
+        batch_images = self._augment(batch_images, step)
+      yield {'image': self._normalize(batch_images),
+             'label': labels[idx].astype(np.int32)}
+      step += 1
+
+  def _augment(self, images, step):
+    """Random 2-pixel-shift crops and horizontal flips. The draws are made
+    for the whole global batch and sliced, so the global batch does not
+    depend on the number of processes."""
+    rng = np.random.default_rng([self.seed, step, 1])
+    shifts = rng.integers(0, 5, (self.batch_size, 2))
+    flips = rng.random(self.batch_size) < 0.5
+    mine = slice(jax.process_index() * self.local_batch,
+                 (jax.process_index() + 1) * self.local_batch)
+    shifts, flips = shifts[mine], flips[mine]
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    out = np.empty_like(images)
+    for i in range(n):
+      crop = padded[i, shifts[i, 0]:shifts[i, 0] + h,
+                    shifts[i, 1]:shifts[i, 1] + w]
+      out[i] = crop[:, ::-1] if flips[i] else crop
+    return out
+
+  def eval_batches(self) -> Iterator[dict]:
+    images, labels = self.test
+    shards = np.array_split(np.arange(self.num_eval), jax.process_count())
+    mine = shards[jax.process_index()]
+    num_batches = math.ceil(max(len(s) for s in shards) / self.local_batch)
+    for b in range(num_batches):
+      idx = mine[b * self.local_batch:(b + 1) * self.local_batch]
+      yield pad_batch({'image': self._normalize(images[idx]),
+                       'label': labels[idx].astype(np.int32)},
+                      self.local_batch, images.shape[1:])
+
+
+def pad_batch(batch: dict, size: int, image_shape) -> dict:
+  """Pads a short batch to `size` with zeros and adds 'mask' (True = real)."""
+  n = len(batch['label'])
+  mask = np.arange(size) < n
+  image = np.zeros((size, *image_shape), np.float32)
+  label = np.zeros((size,), np.int32)
+  image[:n], label[:n] = batch['image'], batch['label']
+  return {'image': image, 'label': label, 'mask': mask}
+
+
+def make_dataset(config):
+  """The dataset a config names."""
+  if config.dataset == 'fashion_mnist':
+    splits = load_fashion_mnist(config.data_dir or None)
+    return ArrayDataset(splits['train'], splits['test'], 10, config.batch_size,
+                        config.seed, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+                        augment=config.augment != 'none')
+  if config.dataset == 'imagenet2012':
+    from condconv_jax.training import imagenet  # pylint: disable=g-import-not-at-top
+    return imagenet.ImageNet(config)
+  raise ValueError(f"config.dataset must be 'fashion_mnist' or "
+                   f"'imagenet2012', got {config.dataset!r}.")

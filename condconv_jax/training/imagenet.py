@@ -1,0 +1,165 @@
+"""ImageNet (TFDS imagenet2012) input pipeline on tf.data.
+
+Training: Inception-style random crop (8%-100% of the area, aspect 3/4-4/3)
+resized to config.image_size, random horizontal flip. Evaluation: the central
+crop of image_size / (image_size + 32) of the shorter side, resized. Both as
+the official TF EfficientNet/CondConv code. All randomness is stateless and
+keyed by (seed, epoch, example position), and each epoch's order by
+(seed, epoch), so a resumed run sees the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from condconv_jax.training.data import pad_batch
+
+NORMALIZATIONS = {
+    # mean, std of RGB in [0, 255]
+    'imagenet': ((0.485 * 255, 0.456 * 255, 0.406 * 255),
+                 (0.229 * 255, 0.224 * 255, 0.225 * 255)),
+    'inception': ((127.5,) * 3, (127.5,) * 3),
+}
+CROP_PADDING = 32
+
+
+class ImageNet:
+  """imagenet2012 from TFDS, sharded by process."""
+
+  def __init__(self, config):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')  # tf.data only; JAX owns GPUs.
+    self.tf, self.tfds = tf, tfds
+    self.builder = tfds.builder('imagenet2012',
+                                data_dir=config.data_dir or None)
+    try:
+      self.num_train = self._num_examples('train')
+      self.num_eval = self._num_examples('validation')
+    except Exception as error:
+      raise FileNotFoundError(_NOT_PREPARED.format(
+          data_dir=self.builder.data_dir, error=error)) from error
+    if config.normalization not in NORMALIZATIONS:
+      raise ValueError(f'config.normalization must be one of '
+                       f'{sorted(NORMALIZATIONS)}, got '
+                       f'{config.normalization!r}.')
+    mean, std = NORMALIZATIONS[config.normalization]
+    self.mean, self.std = np.array(mean, np.float32), np.array(std,
+                                                               np.float32)
+    self.image_size = config.image_size
+    self.batch_size = config.batch_size
+    if self.batch_size % jax.process_count():
+      raise ValueError(f'batch_size ({self.batch_size}) must be divisible by '
+                       f'the number of processes ({jax.process_count()}).')
+    self.local_batch = self.batch_size // jax.process_count()
+    self.seed = config.seed
+    self.augment = config.augment != 'none'
+    self.num_classes = 1000
+
+  def _num_examples(self, split: str) -> int:
+    splits = self.builder.info.splits
+    if split in splits:
+      return splits[split].num_examples
+    # Datasets without split metadata (tfds mock data): count them.
+    ds = self.builder.as_dataset(split=split)
+    count = int(ds.cardinality())
+    return count if count >= 0 else sum(1 for _ in ds)
+
+  @property
+  def image_shape(self):
+    return (self.image_size, self.image_size, 3)
+
+  @property
+  def steps_per_epoch(self):
+    return max(1, self.num_train // self.batch_size)
+
+  def _normalize(self, image):
+    return (self.tf.cast(image, self.tf.float32) - self.mean) / self.std
+
+  def _train_example(self, seed, image):
+    tf = self.tf
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, size)
+    crop = tf.image.resize(crop, [self.image_size] * 2, 'bicubic')
+    crop = tf.image.stateless_random_flip_left_right(crop, seed + 1)
+    return self._normalize(tf.clip_by_value(crop, 0, 255))
+
+  def _eval_example(self, image):
+    tf = self.tf
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    side = tf.cast(self.image_size / (self.image_size + CROP_PADDING) *
+                   tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+    crop = tf.image.crop_to_bounding_box(image, (h - side + 1) // 2,
+                                         (w - side + 1) // 2, side, side)
+    crop = tf.image.resize(crop, [self.image_size] * 2, 'bicubic')
+    return self._normalize(tf.clip_by_value(crop, 0, 255))
+
+  def _options(self):
+    options = self.tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = 0
+    return options
+
+  def train_batches(self, start_step: int = 0):
+    tf, tfds = self.tf, self.tfds
+    steps = self.steps_per_epoch
+    epoch, skip = divmod(start_step, steps)
+    split = tfds.split_for_jax_process('train', drop_remainder=True)
+    while True:
+      read = tfds.ReadConfig(shuffle_seed=self.seed + epoch)
+      ds = self.builder.as_dataset(split=split, shuffle_files=True,
+                                   read_config=read).repeat()
+      ds = ds.shuffle(16 * self.local_batch, seed=self.seed + epoch)
+      ds = ds.take(steps * self.local_batch).skip(skip * self.local_batch)
+      ds = ds.enumerate(skip * self.local_batch)
+
+      def preprocess(index, example, epoch=epoch):
+        seed = tf.stack([tf.cast(self.seed, tf.int64) * 100003 + epoch,
+                         index])
+        image = (self._train_example(seed, example['image'])
+                 if self.augment else self._eval_example(example['image']))
+        return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+      ds = ds.batch(self.local_batch, drop_remainder=True)
+      ds = ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
+      yield from tfds.as_numpy(ds)
+      epoch, skip = epoch + 1, 0
+
+  def eval_batches(self):
+    tf, tfds = self.tf, self.tfds
+    shards = tfds.even_splits('validation', n=jax.process_count(),
+                              drop_remainder=False)
+    largest = math.ceil(self.num_eval / jax.process_count())
+    num_batches = math.ceil(largest / self.local_batch)
+    ds = self.builder.as_dataset(split=shards[jax.process_index()],
+                                 shuffle_files=False)
+    ds = ds.map(lambda ex: {'image': self._eval_example(ex['image']),
+                            'label': tf.cast(ex['label'], tf.int32)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(self.local_batch).prefetch(tf.data.AUTOTUNE)
+    count = 0
+    for batch in tfds.as_numpy(ds.with_options(self._options())):
+      count += 1
+      yield pad_batch(batch, self.local_batch, self.image_shape)
+    empty = {'image': np.zeros((0, *self.image_shape), np.float32),
+             'label': np.zeros((0,), np.int32)}
+    for _ in range(num_batches - count):  # keep every process in step
+      yield pad_batch(empty, self.local_batch, self.image_shape)
+
+
+_NOT_PREPARED = (
+    'ImageNet (TFDS imagenet2012) is not prepared under {data_dir}. It needs '
+    'the manual download TFDS documents: get ILSVRC2012_img_train.tar and '
+    'ILSVRC2012_img_val.tar from image-net.org, put them in '
+    '<data_dir>/downloads/manual/, run `tfds build imagenet2012 '
+    '--data_dir=<data_dir>`, then pass --config.data_dir=<data_dir>. '
+    '({error})')

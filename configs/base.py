@@ -1,0 +1,59 @@
+"""Every field a config may set, with defaults. Experiment files start from
+`get_base_config()` and change values; a new or misspelled key errors, because
+train.py locks the config."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Model (condconv_jax.models.get_model).
+  c.model = 'mobilenet_v1'
+  c.num_experts = 0  # 0 = the static baseline
+  c.width = 1.0
+  c.depth = 1.0
+  c.dtype = 'float32'  # compute dtype; 'bfloat16' on TPU/GPU. Params: f32.
+  c.dropout_rate = config_dict.placeholder(float)  # None: model default
+  c.drop_path_rate = config_dict.placeholder(float)
+  c.bn_momentum = config_dict.placeholder(float)
+  c.bn_epsilon = config_dict.placeholder(float)
+  c.activation = config_dict.placeholder(str)
+  c.padding = config_dict.placeholder(str)
+  c.strategy = config_dict.placeholder(str)
+  c.routing_dropout = config_dict.placeholder(float)
+  c.model_kwargs = ml_collections.ConfigDict()  # e.g. placement overrides
+  # Data.
+  c.dataset = 'imagenet2012'  # or 'fashion_mnist'
+  c.data_dir = ''
+  c.image_size = 224
+  c.normalization = 'imagenet'
+  c.augment = 'inception'  # or 'none'
+  # Optimization. learning_rate is per 256 examples (scaled by batch_size).
+  c.batch_size = 256  # global, over all devices and hosts
+  c.num_epochs = 350.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.warmup_epochs = 5.0
+  c.optimizer = 'rmsprop'
+  c.learning_rate = 0.016
+  c.lr_schedule = 'exponential'
+  c.lr_decay_rate = 0.97
+  c.lr_decay_epochs = 2.4
+  c.momentum = 0.9
+  c.nesterov = True
+  c.rmsprop_decay = 0.9
+  c.rmsprop_epsilon = 1e-3
+  c.weight_decay = 1e-5
+  c.label_smoothing = 0.1
+  c.ema_decay = 0.9999  # 0 disables; evaluation uses the EMA when enabled
+  # Loop.
+  c.seed = 0
+  c.log_every_steps = 100
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  # Train one run per value and print them side by side (the embedded job).
+  c.compare_num_experts = ()
+  c.lock()  # experiment files may change values, not add keys
+  return c

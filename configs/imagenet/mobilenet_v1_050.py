@@ -1,0 +1,18 @@
+"""MobileNetV1 0.5x, static baseline on ImageNet: 150M MADDs, 1.3M params.
+
+Command:
+  python train.py --config configs/imagenet/mobilenet_v1_050.py --workdir $WORKDIR \
+      --config.data_dir=$TFDS_DATA_DIR
+Hardware: a TPU v3-32/v4-32 slice or an 8-GPU host (global batch 2048;
+lower it with --config.batch_size, the learning rate scales with it).
+Time: not measured in this project (no ImageNet here); the progress bar
+prints images/s and the ETA.
+Paper top-1 (CondConv, Yang et al. 2019): 63.8 [V].
+"""
+
+from configs.imagenet import common
+
+
+def get_config():
+  return common.tpu_recipe(
+      'mobilenet_v1', width=0.5, bn_momentum=0.9, weight_decay=4e-5)

@@ -1,0 +1,204 @@
+"""End-to-end training: steps, evaluation, devices, processes, preemption."""
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from condconv_jax.training import checkpoint, data, routing_analysis, trainer
+from tests import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flat_params(state):
+  return traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
+
+
+def test_train_step_and_eval_on_mock_imagenet(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  cfg = tiny.config(dataset='imagenet2012', image_size=32, batch_size=4,
+                    num_train_steps=2)
+  with tfds.testing.mock_data(num_examples=10,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    state, summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert int(state.step) == 2
+  assert summary['eval_count'] == 10  # 3 batches of 4, the last padded
+  assert np.isfinite(summary['eval_loss'])
+  assert os.path.exists(tmp_path / 'config.json')
+  assert glob.glob(str(tmp_path / 'tensorboard' / 'events.out.tfevents.*'))
+  assert (tmp_path / 'metrics.jsonl').read_text().count('"split": "train"')
+
+
+def test_evaluation_counts_every_example_once(tmp_path):
+  cfg = tiny.config(num_train_steps=2, batch_size=8)
+  ds = tiny.dataset(cfg, num_test=13)  # 13 = 8 + 5: the last batch is short
+  state, summary = trainer.train_and_evaluate(cfg, str(tmp_path), dataset=ds)
+  assert summary['eval_count'] == 13
+  # Independently: the EMA model applied to all 13 examples at once.
+  model = trainer.build_model(cfg, tiny.NUM_CLASSES)
+  images, labels = ds.test
+  logits = model.apply(state.eval_variables(True), ds._normalize(images))
+  expected = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+  assert summary['eval_accuracy'] == pytest.approx(expected, abs=1e-6)
+
+
+def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
+  cfg = tiny.config(num_train_steps=6)
+  straight, _ = trainer.train_and_evaluate(cfg, str(tmp_path / 'straight'),
+                                           dataset=tiny.dataset(cfg))
+
+  def preempt_at_3(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  workdir = str(tmp_path / 'resumed')
+  first, summary = trainer.train_and_evaluate(
+      cfg, workdir, dataset=tiny.dataset(cfg), step_hooks=[preempt_at_3])
+  assert summary['preempted'] and int(first.step) == 3
+  resumed, summary = trainer.train_and_evaluate(cfg, workdir,
+                                                dataset=tiny.dataset(cfg))
+  assert not summary['preempted'] and int(resumed.step) == 6
+  a, b = flat_params(straight), flat_params(resumed)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  np.testing.assert_array_equal(
+      jax.tree.leaves(straight.ema_params)[0],
+      jax.tree.leaves(resumed.ema_params)[0])
+
+
+class _NaNAtStep2(data.ArrayDataset):
+
+  def train_batches(self, start_step=0):
+    for step, batch in enumerate(super().train_batches(start_step),
+                                 start_step):
+      if step == 2:
+        batch['image'] = np.full_like(batch['image'], np.nan)
+      yield batch
+
+
+def test_non_finite_loss_raises_naming_the_step(tmp_path):
+  cfg = tiny.config(num_train_steps=5, checkpoint_every_steps=100)
+  base_ds = tiny.dataset(cfg)
+  ds = _NaNAtStep2(base_ds.train, base_ds.test, tiny.NUM_CLASSES,
+                   cfg.batch_size, cfg.seed, 0.5, 0.3)
+  with pytest.raises(FloatingPointError, match='at step 2'):
+    trainer.train_and_evaluate(cfg, str(tmp_path), dataset=ds)
+
+
+def _run(args, env=None, timeout=600):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def assert_close_in_norm(actual, expected, name, rtol=1e-4):
+  """|a - b| <= rtol |b| over the whole tensor: float reductions in another
+  order move single small entries, never the tensor."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected)
+  error = np.linalg.norm(actual - expected)
+  assert error <= rtol * max(np.linalg.norm(expected), 1e-6), (name, error)
+
+
+def test_four_fake_devices_give_the_same_step_as_one(tmp_path):
+  outs = {}
+  for devices in (1, 4):
+    env = {**os.environ,
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    out = str(tmp_path / f'{devices}.npz')
+    result = _run(['tests/tiny_run.py', '--workdir',
+                   str(tmp_path / f'w{devices}'), '--out', out, '--steps',
+                   '1'], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outs[devices] = dict(np.load(out))
+  assert outs[1].pop('devices') == 1 and outs[4].pop('devices') == 4
+  # Equal up to the order of float reductions across devices (BatchNorm
+  # statistics over the global batch; per-device statistics would differ by
+  # orders of magnitude more).
+  for name, value in outs[1].items():
+    assert_close_in_norm(outs[4][name], value, name)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_a_step_and_agree(tmp_path):
+  coordinator = f'127.0.0.1:{_free_port()}'
+  env = {**os.environ,
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  procs = [subprocess.Popen(
+      [sys.executable, 'tests/tiny_run.py', '--workdir', str(tmp_path / 'w'),
+       '--out', str(tmp_path / f'p{i}.npz'), '--coordinator', coordinator,
+       '--num_processes', '2', '--process_id', str(i), '--steps', '1'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  p0, p1 = (dict(np.load(tmp_path / f'p{i}.npz')) for i in range(2))
+  assert p0['devices'] == 4  # 2 processes x 2 devices: one global mesh
+  assert p0['eval_count'] == 10  # every example once, across processes
+  single = tmp_path / 'single.npz'
+  result = _run(['tests/tiny_run.py', '--workdir', str(tmp_path / 's'),
+                 '--out', str(single), '--steps', '1'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  single = dict(np.load(single))
+  for name in p0:
+    np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
+    if name != 'devices':
+      assert_close_in_norm(p0[name], single[name], name)
+
+
+def test_unknown_config_key_errors():
+  result = _run(['train.py', '--config', 'configs/fashion_mnist.py',
+                 '--workdir', '/tmp/unused', '--config.lerning_rate=0.1'])
+  assert result.returncode != 0
+  assert 'lerning_rate' in result.stderr
+  cfg = tiny.config()
+  with pytest.raises(AttributeError):
+    cfg.lerning_rate = 0.1  # locked: a typo in a config file errors too
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
+  cfg = tiny.config(num_train_steps=2, checkpoint_every_steps=2)
+  trainer.train_and_evaluate(cfg, str(tmp_path), dataset=tiny.dataset(cfg))
+  files = [f for f in glob.glob(str(tmp_path / 'checkpoints' / '2' / '**'),
+                                recursive=True) if os.path.isfile(f)]
+  for f in files:
+    with open(f, 'wb') as handle:
+      handle.write(b'garbage')
+  with pytest.raises(RuntimeError, match='could not be restored'):
+    trainer.restore_for_eval(cfg, str(tmp_path), dataset=tiny.dataset(cfg))
+  assert all(os.path.exists(f) for f in files)
+
+
+def test_routing_analysis_matches_direct_computation(tmp_path):
+  cfg = tiny.config(num_train_steps=2, ema_decay=0.0)
+  ds = tiny.dataset(cfg, num_test=10)
+  trainer.train_and_evaluate(cfg, str(tmp_path), dataset=ds)
+  run, state = trainer.restore_for_eval(cfg, str(tmp_path), dataset=ds)
+  by_class = routing_analysis.routing_by_class(run, state)
+  # Keyed by the CondConv (or block) that owns the routing function.
+  assert set(by_class) >= {'sep4_dw', 'sep6_pw', 'classifier/fc'}
+  images, labels = ds.test
+  _, inter = run.model.apply(state.eval_variables(False),
+                             ds._normalize(images), mutable=['intermediates'])
+  weights = np.asarray(
+      inter['intermediates']['sep5_pw']['routing']['routing_weights'][0])
+  for c in range(tiny.NUM_CLASSES):
+    if np.any(labels == c):
+      np.testing.assert_allclose(by_class['sep5_pw'][c],
+                                 weights[labels == c].mean(0), rtol=1e-5)
+  png = tmp_path / 'routing.png'
+  routing_analysis.plot(by_class, str(png))
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,0 +1,42 @@
+"""A tiny training run in its own process, for the multi-device and
+multi-process tests: prints nothing, writes the final params to --out.
+
+  python tests/tiny_run.py --workdir W --out params.npz [--steps N]
+      [--coordinator 127.0.0.1:PORT --num_processes 2 --process_id I]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--steps', type=int, default=2)
+  parser.add_argument('--coordinator')
+  parser.add_argument('--num_processes', type=int)
+  parser.add_argument('--process_id', type=int)
+  args = parser.parse_args()
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.coordinator:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(args.coordinator, args.num_processes,
+                               args.process_id)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  from condconv_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  config = tiny.config(num_train_steps=args.steps)
+  state, summary = trainer.train_and_evaluate(config, args.workdir,
+                                              dataset=tiny.dataset(config))
+  params = traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
+  np.savez(args.out, eval_count=summary['eval_count'],
+           devices=jax.device_count(), **params)
+
+
+if __name__ == '__main__':
+  main()
