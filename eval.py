@@ -1,12 +1,16 @@
 """Evaluates a checkpoint on every example of the evaluation split.
 
-  python eval.py --workdir /tmp/fashion/experts_8 [--step N] \
-      [--routing_png routing.png] [--config configs/... --config.field=...]
+  python eval.py --workdir /tmp/fashion/experts_8 [--step N]
+  python eval.py --checkpoint /tmp/cc_b0_4e --data_dir=$TFDS_DATA_DIR
+  ... [--routing_png routing.png] [--config configs/... --config.field=...]
 
---workdir is a training workdir (its latest checkpoint, or --step); the
-config is the one the run wrote there unless --config is given. With
---routing_png it also writes the paper's routing analysis: the mean routing
-weight per class for every CondConv layer.
+--workdir is a training workdir (its latest checkpoint, or --step; the EMA
+weights when the run kept them); --checkpoint a folder of converted weights
+(`python -m condconv_jax.convert`). The config is the one saved beside the
+checkpoint unless --config is given (then --config.field=value overrides
+it); --data_dir and --batch_size override the saved config.
+With --routing_png it also writes the paper's routing analysis: the mean
+routing weight per class for every CondConv layer.
 """
 
 import json
@@ -15,32 +19,46 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from condconv_jax import convert
 from condconv_jax.training import routing_analysis, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Config file (default: the workdir\'s config.json).',
+    'config', None, 'Config file (default: the saved config.json).',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.')
+flags.DEFINE_string('checkpoint', None, 'Folder of converted weights.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 flags.DEFINE_string('routing_png', None, 'Write the routing analysis here.')
-flags.mark_flags_as_required(['workdir'])
+flags.DEFINE_string('data_dir', None, 'Overrides config.data_dir.')
+flags.DEFINE_integer('batch_size', None, 'Overrides config.batch_size.')
+flags.mark_flags_as_mutual_exclusive(['workdir', 'checkpoint'], required=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  config = FLAGS.config or trainer.load_config(FLAGS.workdir)
-  run, state = trainer.restore_for_eval(config, FLAGS.workdir, FLAGS.step)
-  metrics = run.evaluate(state)
+  source = FLAGS.workdir or FLAGS.checkpoint
+  config = FLAGS.config or trainer.load_config(source)
+  if FLAGS.data_dir is not None:
+    config.data_dir = FLAGS.data_dir
+  if FLAGS.batch_size is not None:
+    config.batch_size = FLAGS.batch_size
+  if FLAGS.workdir:
+    run, variables = trainer.restore_for_eval(config, FLAGS.workdir,
+                                              FLAGS.step)
+  else:
+    run = trainer.Trainer(config)
+    variables = convert.load_variables(FLAGS.checkpoint)
+  metrics = run.evaluate(variables)
   if FLAGS.routing_png:
-    by_class = routing_analysis.routing_by_class(run, state)
+    by_class = routing_analysis.routing_by_class(run, variables)
     routing_analysis.plot(by_class, FLAGS.routing_png,
                           title=f'{config.model}, {config.num_experts} experts')
     metrics['routing_png'] = FLAGS.routing_png
   if jax.process_index() == 0:
-    print(json.dumps({'step': int(state.step), **metrics}, indent=2))
+    print(json.dumps(metrics, indent=2))
 
 
 if __name__ == '__main__':

@@ -57,7 +57,7 @@ class Routing(nn.Module):
   activation='sigmoid' is the paper's; 'softmax' divides the logits by
   `temperature` first (Dynamic Convolution, Chen et al. 2020). Dropout, when
   `dropout_rate` > 0 and not deterministic, is applied to the weights.
-  Computed in float32 whatever the input dtype; the weights are sown to
+  Computed in at least float32 whatever the input dtype; sown to
   'intermediates' as 'routing_weights'.
   """
 
@@ -77,8 +77,9 @@ class Routing(nn.Module):
       raise ValueError(f'activation must be one of {ROUTING_ACTIVATIONS}, got '
                        f'{self.activation!r}.')
     _check_rank4(x, 'Routing')
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = nn.Dense(self.num_experts, dtype=jnp.float32,
+    dtype = jnp.promote_types(x.dtype, jnp.float32)  # never below float32
+    pooled = jnp.mean(x.astype(dtype), axis=(1, 2))
+    logits = nn.Dense(self.num_experts, dtype=dtype,
                       param_dtype=self.param_dtype,
                       kernel_init=self.kernel_init, bias_init=self.bias_init,
                       name='dense')(pooled)

@@ -17,6 +17,8 @@ IMAGE = (1, 224, 224, 3)
 PINNED_PARAMS = {
     ('mobilenet_v1', 0): 4_231_976,  # MobileNet paper: 4.2M
     ('mobilenet_v1', 8): 31_923_960,
+    ('mobilenet_v1_mini', 0): 182_920,  # by hand: 6 separable layers + fc
+    ('mobilenet_v1_mini', 8): 1_399_000,  # by hand: layers 4-6 + fc x 8
     ('mobilenet_v2', 0): 3_504_872,  # torchvision mobilenet_v2
     ('mobilenet_v2', 8): 27_559_320,  # CondConv paper: 27.5M [U]
     ('mnasnet_a1', 0): 3_887_038,  # timm mnasnet_a1 / semnasnet_100

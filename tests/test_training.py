@@ -186,13 +186,13 @@ def test_routing_analysis_matches_direct_computation(tmp_path):
   cfg = tiny.config(num_train_steps=2, ema_decay=0.0)
   ds = tiny.dataset(cfg, num_test=10)
   trainer.train_and_evaluate(cfg, str(tmp_path), dataset=ds)
-  run, state = trainer.restore_for_eval(cfg, str(tmp_path), dataset=ds)
-  by_class = routing_analysis.routing_by_class(run, state)
+  run, variables = trainer.restore_for_eval(cfg, str(tmp_path), dataset=ds)
+  by_class = routing_analysis.routing_by_class(run, variables)
   # Keyed by the CondConv (or block) that owns the routing function.
   assert set(by_class) >= {'sep4_dw', 'sep6_pw', 'classifier/fc'}
   images, labels = ds.test
-  _, inter = run.model.apply(state.eval_variables(False),
-                             ds._normalize(images), mutable=['intermediates'])
+  _, inter = run.model.apply(variables, ds._normalize(images),
+                             mutable=['intermediates'])
   weights = np.asarray(
       inter['intermediates']['sep5_pw']['routing']['routing_weights'][0])
   for c in range(tiny.NUM_CLASSES):
@@ -202,3 +202,28 @@ def test_routing_analysis_matches_direct_computation(tmp_path):
   png = tmp_path / 'routing.png'
   routing_analysis.plot(by_class, str(png))
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_train_and_eval_command_lines(tmp_path):
+  from tests.test_data import write_idx
+  rng = np.random.default_rng(0)
+  data_dir = tmp_path / 'fashion'
+  data_dir.mkdir()
+  for prefix, n in (('train', 64), ('t10k', 20)):
+    write_idx(data_dir / f'{prefix}-images-idx3-ubyte.gz',
+              rng.integers(0, 256, (n, 28, 28)))
+    write_idx(data_dir / f'{prefix}-labels-idx1-ubyte.gz',
+              rng.integers(0, 10, n))
+  workdir = tmp_path / 'run'
+  result = _run(['train.py', '--config', 'configs/fashion_mnist.py',
+                 '--workdir', str(workdir), f'--config.data_dir={data_dir}',
+                 '--config.num_train_steps=2', '--config.batch_size=16',
+                 '--config.compare_num_experts=(0, 2)'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '| 2 | ' in result.stdout and '| 0 | ' in result.stdout
+  png = tmp_path / 'routing.png'
+  result = _run(['eval.py', '--workdir', str(workdir / 'experts_2'),
+                 '--routing_png', str(png)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '"count": 20.0' in result.stdout
+  assert png.exists()

@@ -160,3 +160,28 @@ class Classifier(nn.Module):
       logits = nn.Dense(self.num_classes, dtype=self.convs.dtype,
                         kernel_init=dense_kernel_init, name='fc')(x)
     return jnp.asarray(logits[:, 0, 0, :], jnp.float32)
+
+
+class ConvNet(nn.Module):
+  """Fields every model shares, and the factories built from them.
+
+  Subclasses redeclare a field only to change its default.
+  """
+
+  num_classes: int = 1000
+  width: float = 1.0
+  num_experts: int = 0
+  activation: str = 'relu'
+  dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-3
+  padding: str = 'SAME'
+  dtype: Any = jnp.float32
+  strategy: str = 'auto'
+  routing_dropout: float = 0.0
+
+  def factories(self) -> tuple[ConvFactory, NormFactory]:
+    return (ConvFactory(self.num_experts, self.padding, self.dtype,
+                        self.strategy, self.routing_dropout),
+            NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype))

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from condconv_jax.models.blocks import (Classifier, ConvFactory, NormFactory,
-                                        SqueezeExcite, activation_fn,
-                                        apply_conv, drop_path)
+from condconv_jax.models.blocks import (Classifier, ConvFactory, ConvNet,
+                                        NormFactory, SqueezeExcite,
+                                        activation_fn, apply_conv, drop_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +82,7 @@ class MBConvBlock(nn.Module):
     return h
 
 
-class MBConvNet(nn.Module):
+class MBConvNet(ConvNet):
   """A stem, stages of MBConv blocks, a 1x1 head conv and a classifier.
 
   condconv_stages: 1-based stage numbers whose blocks are CondConv.
@@ -92,33 +90,22 @@ class MBConvNet(nn.Module):
   shared_routing: one routing function per block (else one per conv).
   """
 
-  stages: tuple[Stage, ...]
+  stages: tuple[Stage, ...] = ()
   stem_features: int = 32
   head_features: int = 1280
-  num_classes: int = 1000
-  width: float = 1.0
   depth: float = 1.0
-  num_experts: int = 0
   condconv_stages: tuple[int, ...] = ()
   condconv_head: bool = False
   condconv_classifier: bool = False
   shared_routing: bool = True
+  scale_head_with_width: bool = True
   activation: str = 'swish'
   dropout_rate: float = 0.2
-  drop_path_rate: float = 0.0
   bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  padding: str = 'SAME'
-  dtype: Any = jnp.float32
-  strategy: str = 'auto'
-  routing_dropout: float = 0.0
-  scale_head_with_width: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    convs = ConvFactory(self.num_experts, self.padding, self.dtype,
-                        self.strategy, self.routing_dropout)
-    norms = NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype)
+    convs, norms = self.factories()
     act = activation_fn(self.activation)
     x = jnp.asarray(x, self.dtype)
     features = round_channels(self.stem_features * self.width)

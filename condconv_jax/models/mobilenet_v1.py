@@ -7,13 +7,11 @@ layer become CondConv, each with its own routing function.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from condconv_jax.models.blocks import (Classifier, ConvFactory, NormFactory,
-                                        activation_fn, apply_conv)
+from condconv_jax.models.blocks import (Classifier, ConvNet, activation_fn,
+                                        apply_conv)
 
 # (output features, stride) of the 13 separable layers at width 1.0.
 SEPARABLE_LAYERS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
@@ -25,29 +23,16 @@ SEPARABLE_LAYERS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
 MINI_LAYERS = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (128, 1))
 
 
-class MobileNetV1(nn.Module):
-  num_classes: int = 1000
+class MobileNetV1(ConvNet):
   separable_layers: tuple[tuple[int, int], ...] = SEPARABLE_LAYERS
   stem_features: int = 32
   stem_strides: int = 2
-  width: float = 1.0
-  num_experts: int = 0
   condconv_layers: tuple[int, ...] = (7, 8, 9, 10, 11, 12, 13)
   condconv_classifier: bool = True
-  activation: str = 'relu'
-  dropout_rate: float = 0.0
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-3
-  padding: str = 'SAME'
-  dtype: Any = jnp.float32
-  strategy: str = 'auto'
-  routing_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    convs = ConvFactory(self.num_experts, self.padding, self.dtype,
-                        self.strategy, self.routing_dropout)
-    norms = NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype)
+    convs, norms = self.factories()
     act = activation_fn(self.activation)
     x = jnp.asarray(x, self.dtype)
     features = int(self.stem_features * self.width)

@@ -5,13 +5,12 @@ included, each with its own routing function.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from condconv_jax.models.blocks import (Classifier, ConvFactory, NormFactory,
-                                        activation_fn, apply_conv, drop_path)
+from condconv_jax.models.blocks import (Classifier, ConvFactory, ConvNet,
+                                        NormFactory, activation_fn, apply_conv,
+                                        drop_path)
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -60,31 +59,19 @@ class ResNetBlock(nn.Module):
     return act(drop_path(h, self.drop_path_rate, self, train) + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(ConvNet):
   depth_layers: int = 50
-  num_classes: int = 1000
-  width: float = 1.0
-  num_experts: int = 0
   condconv_stages: tuple[int, ...] = (4,)
   condconv_classifier: bool = False
-  activation: str = 'relu'
-  dropout_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   padding: str = 'symmetric'
-  dtype: Any = jnp.float32
-  strategy: str = 'auto'
-  routing_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     if self.depth_layers not in STAGE_SIZES:
       raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, '
                        f'got {self.depth_layers}.')
-    convs = ConvFactory(self.num_experts, self.padding, self.dtype,
-                        self.strategy, self.routing_dropout)
-    norms = NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype)
+    convs, norms = self.factories()
     x = jnp.asarray(x, self.dtype)
     x = convs(int(64 * self.width), 7, strides=2, name='conv1')(x)
     x = activation_fn(self.activation)(norms(train, 'bn1')(x))

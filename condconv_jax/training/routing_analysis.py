@@ -29,10 +29,9 @@ def _per_class_sums(variables, batch, *, model, num_classes):
   return sums, onehot.sum(0)
 
 
-def routing_by_class(trainer, state) -> dict[str, np.ndarray]:
+def routing_by_class(trainer, variables) -> dict[str, np.ndarray]:
   """{path of the CondConv (or block) owning a routing function:
   [num_classes, E] mean routing weights}."""
-  variables = state.eval_variables(trainer.config.ema_decay > 0)
   step = jax.jit(functools.partial(_per_class_sums, model=trainer.model,
                                    num_classes=trainer.num_classes))
   totals, counts = None, None
@@ -56,11 +55,12 @@ def class_specificity(mean_weights: np.ndarray) -> float:
 
 
 def plot(by_class: dict[str, np.ndarray], path: str, title: str = ''):
-  """One heatmap (classes x experts) per CondConv layer, in network order."""
+  """One heatmap (classes x experts) per CondConv layer; the classifier last."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  layers = list(by_class)
+  layers = sorted(by_class, key=lambda name: (name.startswith('classifier'),
+                                              name))
   cols = min(4, len(layers))
   rows = -(-len(layers) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows),

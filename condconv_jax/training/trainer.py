@@ -184,9 +184,12 @@ class Trainer:
         lambda x: jax.make_array_from_process_local_data(self.data_sharding,
                                                          x), batch)
 
-  def evaluate(self, state: TrainState) -> dict:
+  def eval_variables(self, state: TrainState) -> dict:
+    """The variables evaluation uses: the EMA's when the run keeps one."""
+    return state.eval_variables(self.config.ema_decay > 0)
+
+  def evaluate(self, variables) -> dict:
     """Accuracy and loss over every example of the evaluation split."""
-    variables = state.eval_variables(self.config.ema_decay > 0)
     totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
     for batch in self.dataset.eval_batches():
       sums = jax.device_get(self.eval_step(variables, self.to_global(batch)))
@@ -289,13 +292,15 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
                     (done // trainer.steps_per_epoch) %
                     config.eval_every_epochs == 0):
           _check_finite(*pending)
-          eval_metrics = trainer.evaluate(state)
+          eval_metrics = trainer.evaluate(trainer.eval_variables(state))
           log.write(done, 'eval', eval_metrics)
           log.message(f'step {done}: eval accuracy '
                       f'{eval_metrics["accuracy"]:.4f} over '
                       f'{int(eval_metrics["count"])} examples')
-        stop = preemption.requested or (jax.process_count() > 1 and
-                                        mngr.reached_preemption(done))
+        # Multi-host: every process must stop at the same step, which JAX's
+        # preemption sync (behind reached_preemption) agrees on.
+        stop = (mngr.reached_preemption(done) if jax.process_count() > 1
+                else preemption.requested)
         if last or stop or done % config.checkpoint_every_steps == 0:
           _check_finite(*pending)
           checkpoint.save(mngr, done, state, force=last or stop)
@@ -311,7 +316,8 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
     mngr.close()
     log.close()
   if eval_metrics is None and not preempted:
-    eval_metrics = trainer.evaluate(state)  # already finished earlier
+    eval_metrics = trainer.evaluate(  # the run had already finished
+        trainer.eval_variables(state))
   summary = {'params': model_cost.params, 'macs': model_cost.macs,
              'preempted': preempted, 'step': int(state.step),
              **({f'eval_{k}': v for k, v in eval_metrics.items()}
@@ -341,11 +347,12 @@ def load_config(workdir: str):
 
 def restore_for_eval(config, workdir: str, step: int | None = None,
                      dataset=None):
-  """(trainer, state) from a workdir's checkpoint, for evaluation/analysis."""
+  """(trainer, variables) from a workdir's checkpoint, for evaluation and
+  analysis: the EMA variables when the run keeps an EMA."""
   trainer = Trainer(config, dataset)
   mngr = checkpoint.manager(workdir, config, read_only=True)
   try:
     state = checkpoint.restore(mngr, trainer.abstract_state(), step)
   finally:
     mngr.close()
-  return trainer, state
+  return trainer, trainer.eval_variables(state)
