@@ -13,6 +13,7 @@ masks and the EMA depend only on k.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -221,6 +222,17 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _prefetch_to_device(batches, size: int = 2):
+  """Starts the host-to-device copy of the next `size` batches while the
+  current step runs (device_put is asynchronous)."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(batch)
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
 def _check_finite(step: int, metrics):
   loss = float(jax.device_get(metrics['loss']))
   if not np.isfinite(loss):
@@ -265,13 +277,13 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
               f'MADDs; {jax.device_count()} devices, {jax.process_count()} '
               f'processes; steps {start_step} -> {trainer.total_steps} '
               f'({trainer.steps_per_epoch}/epoch)')
-  train_iter = trainer.dataset.train_batches(start_step)
+  train_iter = _prefetch_to_device(
+      map(trainer.to_global, trainer.dataset.train_batches(start_step)))
   preempted, window, pending, eval_metrics = False, [], None, None
   try:
     with _Preemption() as preemption:
       for step in range(start_step, trainer.total_steps):
-        state, metrics = trainer.train_step(state,
-                                            trainer.to_global(next(train_iter)))
+        state, metrics = trainer.train_step(state, next(train_iter))
         if pending is not None:
           _check_finite(*pending)
         pending = (step, metrics)
