@@ -180,7 +180,7 @@ class DepthwiseConv(nn.Module):
 
   Same 'kernel' [kh, kw, 1, features] and 'bias' [features] as
   nn.Conv(feature_group_count=C), so weights move between the two; on CPU it
-  runs the k*k shifted multiply-add form, 20-40x faster than XLA's depthwise
+  runs the k*k shifted multiply-add form, 4-30x faster than XLA's depthwise
   conv there (`implementation='xla'` forces lax.conv). `features` defaults to
   the input channels and must be a multiple of them (channel multiplier).
   """
