@@ -140,3 +140,17 @@ def test_condconv_placement_follows_the_paper():
 def test_registry_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     get_model(**kwargs)
+
+
+def test_routing_dropout_reaches_every_routing_function():
+  model = get_model('mobilenet_v1_mini', num_experts=4, num_classes=5,
+                    routing_dropout=0.5)
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 1))
+  variables = model.init(jax.random.key(1), x)
+  _, state = model.apply(variables, x, train=True,
+                         mutable=['batch_stats', 'intermediates'],
+                         rngs={'dropout': jax.random.key(2)})
+  inter = state['intermediates']
+  for layer in (inter['sep4_dw'], inter['sep6_pw'], inter['classifier']['fc']):
+    (weights,) = layer['routing']['routing_weights']
+    assert np.any(np.asarray(weights) == 0), 'no routing dropout applied'

@@ -66,24 +66,25 @@ class ConvFactory:
   strategy: str = 'auto'
   routing_dropout: float = 0.0
 
+  def _routing_factory(self):
+    return functools.partial(Routing, dropout_rate=self.routing_dropout)
+
   def routing(self, name: str) -> nn.Module:
     """A routing function to share between the convs of one block."""
-    return Routing(self.num_experts, dropout_rate=self.routing_dropout,
-                   name=name)
+    return self._routing_factory()(self.num_experts, name=name)
 
   def __call__(self, features: int, kernel_size: int, *, strides: int = 1,
                groups: int = 1, use_bias: bool = False,
-               conditional: bool = False, name: str) -> nn.Module:
+               conditional: bool = False, kernel_init=conv_kernel_init,
+               name: str) -> nn.Module:
     common = dict(features=features, kernel_size=(kernel_size, kernel_size),
                   strides=strides,
                   padding=conv_padding(self.padding, kernel_size),
                   use_bias=use_bias, dtype=self.dtype,
-                  kernel_init=conv_kernel_init, name=name)
+                  kernel_init=kernel_init, name=name)
     if conditional and self.num_experts > 0:
       return CondConv(feature_group_count=groups, num_experts=self.num_experts,
-                      strategy=self.strategy,
-                      routing=functools.partial(
-                          Routing, dropout_rate=self.routing_dropout),
+                      strategy=self.strategy, routing=self._routing_factory(),
                       **common)
     if groups > 1 and groups == features:
       return DepthwiseConv(**common)
@@ -151,11 +152,9 @@ class Classifier(nn.Module):
     x = jnp.mean(x, axis=(1, 2), keepdims=True)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     if self.conditional and self.convs.num_experts > 0:
-      conv = CondConv(self.num_classes, (1, 1),
-                      num_experts=self.convs.num_experts,
-                      strategy=self.convs.strategy, dtype=self.convs.dtype,
-                      kernel_init=dense_kernel_init, name='fc')
-      logits = conv(x, deterministic=not train)
+      conv = self.convs(self.num_classes, 1, use_bias=True, conditional=True,
+                        kernel_init=dense_kernel_init, name='fc')
+      logits = apply_conv(conv, x, train=train)
     else:
       logits = nn.Dense(self.num_classes, dtype=self.convs.dtype,
                         kernel_init=dense_kernel_init, name='fc')(x)
