@@ -92,6 +92,8 @@ def _spec(model_name: str) -> TimmSpec:
 
 def _our_module_path(timm_module: list[str]) -> tuple[str, ...]:
   """['blocks', '4', '0', 'conv_pw'] -> ('blocks_4_0', 'conv_pw')."""
+  if timm_module == ['classifier']:
+    return ('classifier', 'fc')
   if timm_module[0] == 'blocks':
     head = (f'blocks_{timm_module[1]}_{timm_module[2]}',)
     rest = timm_module[3:]
@@ -100,8 +102,6 @@ def _our_module_path(timm_module: list[str]) -> tuple[str, ...]:
   mapped = []
   for part in rest:
     mapped += {'routing_fn': ['routing', 'dense']}.get(part, [part])
-  if tuple(timm_module) == ('classifier',):
-    return ('classifier', 'fc')
   return head + tuple(mapped)
 
 

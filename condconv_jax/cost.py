@@ -57,19 +57,21 @@ class Cost:
     return '\n'.join(lines)
 
 
-def _conv_macs(module, out_shape) -> int:
+def _kernel_area(module) -> int:
   kernel_size = module.kernel_size
   if isinstance(kernel_size, int):
     kernel_size = (kernel_size, kernel_size)
-  return math.prod(out_shape[1:]) * math.prod(kernel_size)
+  return math.prod(kernel_size)
+
+
+def _conv_macs(module, out_shape) -> int:
+  return math.prod(out_shape[1:]) * _kernel_area(module)
 
 
 def _layer_macs(module, in_shape, out_shape) -> int:
   if isinstance(module, CondConv):
     cin_g = in_shape[-1] // module.feature_group_count
-    kernel = math.prod(
-        (module.kernel_size,) * 2 if isinstance(module.kernel_size, int)
-        else module.kernel_size) * cin_g * module.features
+    kernel = _kernel_area(module) * cin_g * module.features
     return _conv_macs(module, out_shape) * cin_g + module.num_experts * kernel
   if isinstance(module, DepthwiseConv):
     return _conv_macs(module, out_shape)

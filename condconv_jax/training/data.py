@@ -74,6 +74,14 @@ def load_fashion_mnist(data_dir: str | None = None):
         f'can download. (tfds said: {error})') from error
 
 
+def local_batch_size(batch_size: int) -> int:
+  """This process's share of the global batch."""
+  if batch_size % jax.process_count():
+    raise ValueError(f'batch_size ({batch_size}) must be divisible by the '
+                     f'number of processes ({jax.process_count()}).')
+  return batch_size // jax.process_count()
+
+
 def _arrays(batch):
   return batch['image'], batch['label']
 
@@ -92,10 +100,7 @@ class ArrayDataset:
   augment: bool = True
 
   def __post_init__(self):
-    if self.batch_size % jax.process_count():
-      raise ValueError(f'batch_size ({self.batch_size}) must be divisible by '
-                       f'the number of processes ({jax.process_count()}).')
-    self.local_batch = self.batch_size // jax.process_count()
+    self.local_batch = local_batch_size(self.batch_size)
 
   @property
   def image_shape(self):

@@ -15,7 +15,7 @@ import math
 import jax
 import numpy as np
 
-from condconv_jax.training.data import pad_batch
+from condconv_jax.training import data
 
 NORMALIZATIONS = {
     # mean, std of RGB in [0, 255]
@@ -51,10 +51,7 @@ class ImageNet:
                                                                np.float32)
     self.image_size = config.image_size
     self.batch_size = config.batch_size
-    if self.batch_size % jax.process_count():
-      raise ValueError(f'batch_size ({self.batch_size}) must be divisible by '
-                       f'the number of processes ({jax.process_count()}).')
-    self.local_batch = self.batch_size // jax.process_count()
+    self.local_batch = data.local_batch_size(self.batch_size)
     self.seed = config.seed
     self.augment = config.augment != 'none'
     self.num_classes = 1000
@@ -149,11 +146,11 @@ class ImageNet:
     count = 0
     for batch in tfds.as_numpy(ds.with_options(self._options())):
       count += 1
-      yield pad_batch(batch, self.local_batch, self.image_shape)
+      yield data.pad_batch(batch, self.local_batch, self.image_shape)
     empty = {'image': np.zeros((0, *self.image_shape), np.float32),
              'label': np.zeros((0,), np.int32)}
     for _ in range(num_batches - count):  # keep every process in step
-      yield pad_batch(empty, self.local_batch, self.image_shape)
+      yield data.pad_batch(empty, self.local_batch, self.image_shape)
 
 
 _NOT_PREPARED = (

@@ -233,6 +233,24 @@ def _prefetch_to_device(batches, size: int = 2):
   yield from queue
 
 
+class _FiniteLossCheck:
+  """Checks each step's loss exactly once. `add` checks the previous step,
+  so the host never waits on the step it has just dispatched; `flush` checks
+  the latest now (before an evaluation or a checkpoint)."""
+
+  def __init__(self):
+    self._pending = None
+
+  def add(self, step: int, metrics):
+    self.flush()
+    self._pending = (step, metrics)
+
+  def flush(self):
+    if self._pending is not None:
+      _check_finite(*self._pending)
+      self._pending = None
+
+
 def _check_finite(step: int, metrics):
   loss = float(jax.device_get(metrics['loss']))
   if not np.isfinite(loss):
@@ -279,14 +297,13 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
               f'({trainer.steps_per_epoch}/epoch)')
   train_iter = _prefetch_to_device(
       map(trainer.to_global, trainer.dataset.train_batches(start_step)))
-  preempted, window, pending, eval_metrics = False, [], None, None
+  preempted, window, eval_metrics = False, [], None
+  loss_check = _FiniteLossCheck()
   try:
     with _Preemption() as preemption:
       for step in range(start_step, trainer.total_steps):
         state, metrics = trainer.train_step(state, next(train_iter))
-        if pending is not None:
-          _check_finite(*pending)
-        pending = (step, metrics)
+        loss_check.add(step, metrics)
         window.append(metrics)
         done = step + 1
         for hook in step_hooks:
@@ -303,7 +320,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
         if last or (epoch_end and config.eval_every_epochs > 0 and
                     (done // trainer.steps_per_epoch) %
                     config.eval_every_epochs == 0):
-          _check_finite(*pending)
+          loss_check.flush()
           eval_metrics = trainer.evaluate(trainer.eval_variables(state))
           log.write(done, 'eval', eval_metrics)
           log.message(f'step {done}: eval accuracy '
@@ -314,15 +331,14 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
         stop = (mngr.reached_preemption(done) if jax.process_count() > 1
                 else preemption.requested)
         if last or stop or done % config.checkpoint_every_steps == 0:
-          _check_finite(*pending)
+          loss_check.flush()
           checkpoint.save(mngr, done, state, force=last or stop)
         if stop:
           log.message(f'preempted: saved step {done}; rerun the same '
                       f'command to resume.')
           preempted = True
           break
-      if pending is not None:
-        _check_finite(*pending)
+      loss_check.flush()
   finally:
     mngr.wait_until_finished()
     mngr.close()
