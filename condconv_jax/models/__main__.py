@@ -2,6 +2,10 @@
 
     python -m condconv_jax.models            # the README's model table
     python -m condconv_jax.models --layers efficientnet_b0 --num-experts 8
+    python -m condconv_jax.models --layers ssd_mobilenet_v1 --image-size 300
+
+The detector's table (SSD300 and its CondConv placements) is
+`python -m condconv_jax.detection`.
 """
 
 import argparse
@@ -26,10 +30,13 @@ def main():
   parser.add_argument('--layers', choices=sorted(MODELS),
                       help='print one model\'s per-layer breakdown instead')
   parser.add_argument('--num-experts', type=int, default=0)
+  parser.add_argument('--image-size', type=int, default=IMAGE_SHAPE[1],
+                      help='input size for --layers (the table is at 224)')
   args = parser.parse_args()
   if args.layers:
+    shape = (1, args.image_size, args.image_size, 3)
     print(cost.count(get_model(args.layers, num_experts=args.num_experts),
-                     IMAGE_SHAPE).table())
+                     shape).table())
     return
   print('| model | params | paper | diff | MADDs | paper | diff | source |')
   print('|---|---:|---:|---:|---:|---:|---:|---|')

@@ -3,6 +3,12 @@
 CondConv placement is by separable layer number (1-based, as the CondConv
 paper counts them); both the depthwise and the pointwise conv of a chosen
 layer become CondConv, each with its own routing function.
+
+With `feature_layers` the same module is a feature extractor (the SSD
+detector's backbone): it returns the outputs of those separable layers,
+stops after the last of them and builds no classifier, so its parameters
+are the classifier's minus 'classifier' and an ImageNet checkpoint loads
+as is.
 """
 
 from __future__ import annotations
@@ -29,24 +35,45 @@ class MobileNetV1(ConvNet):
   stem_strides: int = 2
   condconv_layers: tuple[int, ...] = (7, 8, 9, 10, 11, 12, 13)
   condconv_classifier: bool = True
+  # Features no narrower than this (TF's mobilenet_v1 min_depth; 0 = none).
+  min_depth: int = 0
+  # () = classifier; else __call__ returns {layer number: output} of these
+  # separable layers (1-based), e.g. (11, 13) = TF's Conv2d_11_pointwise
+  # and Conv2d_13_pointwise.
+  feature_layers: tuple[int, ...] = ()
+
+  def _depth(self, features: int) -> int:
+    return max(int(features * self.width), self.min_depth)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
+    """x: [B, H, W, C] -> logits [B, num_classes] float32, or with
+    feature_layers {layer number: [B, h, w, c]} in the compute dtype."""
+    num_layers = len(self.separable_layers)
+    if any(not 1 <= n <= num_layers for n in self.feature_layers):
+      raise ValueError(f'feature_layers must be separable layer numbers in '
+                       f'1 .. {num_layers}, got {self.feature_layers}.')
+    last = max(self.feature_layers, default=num_layers)
     convs, norms = self.factories()
     act = activation_fn(self.activation)
     x = jnp.asarray(x, self.dtype)
-    features = int(self.stem_features * self.width)
+    features = self._depth(self.stem_features)
     x = convs(features, 3, strides=self.stem_strides, name='conv_stem')(x)
     x = act(norms(train, 'bn_stem')(x))
-    for number, (out, stride) in enumerate(self.separable_layers, 1):
+    outputs = {}
+    for number, (out, stride) in enumerate(self.separable_layers[:last], 1):
       cond = number in self.condconv_layers
       dw = convs(features, 3, strides=stride, groups=features,
                  conditional=cond, name=f'sep{number}_dw')
       x = act(norms(train, f'sep{number}_dw_bn')(apply_conv(dw, x,
                                                             train=train)))
-      features = int(out * self.width)
+      features = self._depth(out)
       pw = convs(features, 1, conditional=cond, name=f'sep{number}_pw')
       x = act(norms(train, f'sep{number}_pw_bn')(apply_conv(pw, x,
                                                             train=train)))
+      if number in self.feature_layers:
+        outputs[number] = x
+    if self.feature_layers:
+      return outputs
     return Classifier(self.num_classes, convs, self.condconv_classifier,
                       self.dropout_rate, name='classifier')(x, train=train)

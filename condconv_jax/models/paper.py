@@ -26,3 +26,8 @@ PAPER_COSTS = (
     ('CC-EfficientNet-B0 d1.1 (8)', 'efficientnet_b0',
      dict(num_experts=8, depth=1.1), 39_715_968, 614e6, 'V'),
 )
+
+# The COCO detector (MobileNetV1 1.0 SSD300), paper figures [V]: minival mAP
+# static and with CondConv, and the relative inference cost of CondConv.
+# The paper's placement and expert count are not stated (../shared/PAPER.md).
+PAPER_SSD = dict(static_map=20.3, condconv_map=22.4, relative_cost=0.04)
