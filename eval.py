@@ -6,11 +6,13 @@
 
 --workdir is a training workdir (its latest checkpoint, or --step; the EMA
 weights when the run kept them); --checkpoint a folder of converted weights
-(`python -m condconv_jax.convert`). The config is the one saved beside the
-checkpoint unless --config is given (then --config.field=value overrides
-it); --data_dir and --batch_size override the saved config.
-With --routing_png it also writes the paper's routing analysis: the mean
-routing weight per class for every CondConv layer.
+(`python -m condconv_jax.convert`). Both may be gs:// URIs. The config is the
+one saved beside the checkpoint unless --config is given (then
+--config.field=value overrides it); --data_dir and --batch_size override the
+saved config. With --routing_png it also writes the paper's routing
+analysis: the mean routing weight per class for every CondConv layer.
+Multi-host: the same flags as train.py (--distributed, or
+--coordinator_address/--num_processes/--process_id).
 """
 
 import json
@@ -20,7 +22,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from condconv_jax import convert
-from condconv_jax.training import routing_analysis, trainer
+from condconv_jax.training import (checkpoint, distributed, routing_analysis,
+                                   trainer)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -35,27 +38,37 @@ flags.DEFINE_integer('batch_size', None, 'Overrides config.batch_size.')
 flags.mark_flags_as_mutual_exclusive(['workdir', 'checkpoint'], required=True)
 
 
+def restore(config):
+  """(trainer, variables), replicated over the mesh of every process."""
+  if FLAGS.workdir:
+    return trainer.restore_for_eval(config, FLAGS.workdir, FLAGS.step)
+  run = trainer.Trainer(config)
+  target = run.replicated_like(run.abstract_variables())
+  return run, convert.load_variables(FLAGS.checkpoint, target)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  distributed.initialize()
   source = FLAGS.workdir or FLAGS.checkpoint
   config = FLAGS.config or trainer.load_config(source)
   if FLAGS.data_dir is not None:
     config.data_dir = FLAGS.data_dir
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size
-  if FLAGS.workdir:
-    run, variables = trainer.restore_for_eval(config, FLAGS.workdir,
-                                              FLAGS.step)
-  else:
-    run = trainer.Trainer(config)
-    variables = convert.load_variables(FLAGS.checkpoint)
+  try:
+    run, variables = restore(config)
+  except checkpoint.CheckpointError as error:
+    checkpoint.exit_with(error, 'eval.py')
   metrics = run.evaluate(variables)
   if FLAGS.routing_png:
     by_class = routing_analysis.routing_by_class(run, variables)
-    routing_analysis.plot(by_class, FLAGS.routing_png,
-                          title=f'{config.model}, {config.num_experts} experts')
+    if jax.process_index() == 0:
+      routing_analysis.plot(
+          by_class, FLAGS.routing_png,
+          title=f'{config.model}, {config.num_experts} experts')
     metrics['routing_png'] = FLAGS.routing_png
   if jax.process_index() == 0:
     print(json.dumps(metrics, indent=2))

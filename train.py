@@ -4,39 +4,29 @@
   python train.py --config configs/imagenet/efficientnet_b0_cc8.py \
       --workdir gs://bucket/cc8 --config.batch_size=1024
 
-The run resumes from --workdir by itself. Multi-host (TPU pods, multi-GPU):
-pass --distributed (jax.distributed.initialize() auto-detects the cluster), or
---coordinator_address/--num_processes/--process_id explicitly.
+The run resumes from --workdir by itself; the workdir may be local or any
+URI etils.epath handles (gs://...), and on several hosts it must be one
+shared location. SIGTERM (a preemption notice) saves the current step on
+every process and exits; rerun the same command to resume. Multi-host (TPU
+pods, multi-GPU): pass --distributed (jax.distributed.initialize()
+auto-detects the cluster), or --coordinator_address/--num_processes/
+--process_id explicitly.
 """
 
 import json
-import os
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from condconv_jax.training import trainer
+from condconv_jax.training import checkpoint, distributed, trainer
+from condconv_jax.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, logs and the config.')
-flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() (cluster auto-detected).')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
-flags.DEFINE_integer('process_id', None, 'This process index.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def initialize_distributed():
-  if FLAGS.coordinator_address or FLAGS.distributed:
-    # CPU-only jobs need gloo for cross-process collectives.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
 
 
 def compare(config, workdir):
@@ -47,8 +37,10 @@ def compare(config, workdir):
     with run.unlocked():
       run.num_experts = num_experts
       run.compare_num_experts = ()
-    _, summary = trainer.train_and_evaluate(
-        run, os.path.join(workdir, f'experts_{num_experts}'))
+    _, summary = trainer.train_and_evaluate(run,
+                                            workdir / f'experts_{num_experts}')
+    if summary['preempted']:
+      return  # rerun the same command: finished runs are not repeated
     rows.append((num_experts, summary))
   if jax.process_index() == 0:
     print(f'\n{config.model} on {config.dataset}, seed {config.seed}')
@@ -58,22 +50,26 @@ def compare(config, workdir):
       print(f'| {num_experts} | {s["params"]:,} | {s["macs"] / 1e6:.2f}M | '
             f'{100 * s.get("eval_accuracy", float("nan")):.2f}% | '
             f'{int(s.get("eval_count", 0))} |')
-    with open(os.path.join(workdir, 'compare.json'), 'w') as f:
-      json.dump({str(e): s for e, s in rows}, f, indent=2)
+    workdir_lib.write_json(workdir / 'compare.json',
+                           {str(e): s for e, s in rows})
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  initialize_distributed()
+  distributed.initialize()
   config = FLAGS.config
-  if config.compare_num_experts:
-    compare(config, FLAGS.workdir)
-  else:
-    _, summary = trainer.train_and_evaluate(config, FLAGS.workdir)
-    if jax.process_index() == 0:
-      print(json.dumps(summary, indent=2))
+  workdir = workdir_lib.as_path(FLAGS.workdir)
+  try:
+    if config.compare_num_experts:
+      compare(config, workdir)
+    else:
+      _, summary = trainer.train_and_evaluate(config, workdir)
+      if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
+  except checkpoint.CheckpointError as error:
+    checkpoint.exit_with(error, 'train.py')
 
 
 if __name__ == '__main__':

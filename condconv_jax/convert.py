@@ -196,28 +196,36 @@ def load_state_dict(path: str) -> dict:
   return state
 
 
-def save_variables(variables: dict, out_dir: str, config=None):
-  """An orbax checkpoint of the variables (+ config.json for eval.py)."""
+def save_variables(variables: dict, out_dir, config=None):
+  """An orbax checkpoint of the variables (+ config.json for eval.py), in a
+  local folder or at a gs:// URI."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  from condconv_jax.training import workdir  # pylint: disable=g-import-not-at-top
+  out_dir = workdir.as_path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, 'variables'),
+    checkpointer.save(out_dir / 'variables',
                       jax.tree.map(jnp.asarray, variables), force=True)
   if config is not None:
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    workdir.write_text(out_dir / 'config.json',
+                       config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def load_variables(checkpoint_dir: str) -> dict:
-  """Variables written by `save_variables` (or the CLI)."""
+def load_variables(checkpoint_dir, target=None) -> dict:
+  """Variables written by `save_variables` (or the CLI).
+
+  target: optional pytree of jax.ShapeDtypeStruct with shardings (e.g.
+  replicated over a mesh spanning every process, which eval.py passes) to
+  restore into; without it the arrays land on the default device.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.abspath(checkpoint_dir), 'variables')
-  if not os.path.exists(path):
+  from condconv_jax.training import workdir  # pylint: disable=g-import-not-at-top
+  path = workdir.as_path(checkpoint_dir) / 'variables'
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: expected a folder written by '
                             f'`python -m condconv_jax.convert`.')
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(path)
+    return checkpointer.restore(path, target)
 
 
 def eval_config(model_name: str):
@@ -246,7 +254,7 @@ def main():
   save_variables(variables, args.out, eval_config(args.model))
   count = sum(np.prod(v.shape) for v in jax.tree.leaves(variables['params']))
   print(json.dumps({'model': args.model, 'params': int(count),
-                    'out': os.path.abspath(args.out)}))
+                    'out': args.out}))
 
 
 if __name__ == '__main__':

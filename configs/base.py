@@ -28,7 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data_dir = ''
   c.image_size = 224
   c.normalization = 'imagenet'
-  c.augment = 'inception'  # or 'none'
+  c.augment = 'inception'  # ImageNet: or 'none'; Fashion-MNIST: 'shift_flip'
   # Optimization. learning_rate is per 256 examples (scaled by batch_size).
   c.batch_size = 256  # global, over all devices and hosts
   c.num_epochs = 350.0
@@ -44,6 +44,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rmsprop_decay = 0.9
   c.rmsprop_epsilon = 1e-3
   c.weight_decay = 1e-5
+  # 'all_but_batchnorm' (the official TF EfficientNet/MnasNet/CondConv rule)
+  # or 'kernels' (conv/dense kernels only, the ResNet recipe's).
+  c.weight_decay_params = 'all_but_batchnorm'
   c.label_smoothing = 0.1
   c.ema_decay = 0.9999  # 0 disables; evaluation uses the EMA when enabled
   # Loop.

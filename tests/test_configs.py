@@ -1,10 +1,14 @@
-"""Every experiment config loads, names a real model, and documents itself."""
+"""Every experiment config: documented, locked, the paper's recipe
+(../shared/PAPER.md, transcribed here by hand), and a model that builds."""
 
 import glob
 import importlib
 import os
 
+import jax
+import numpy as np
 import pytest
+from flax import traverse_util
 
 from condconv_jax.training import trainer
 
@@ -15,26 +19,105 @@ CONFIGS = sorted(
                        recursive=True)
     if not p.endswith(('__init__.py', 'base.py', 'common.py')))
 
+# PAPER.md, "Training recipes": the official EfficientNet-CondConv recipe [V].
+TF_TPU_RECIPE = dict(
+    optimizer='rmsprop', rmsprop_decay=0.9, momentum=0.9, rmsprop_epsilon=1e-3,
+    learning_rate=0.016, batch_size=2048, warmup_epochs=5.0,
+    lr_schedule='exponential', lr_decay_rate=0.97, lr_decay_epochs=2.4,
+    num_epochs=350.0, dtype='bfloat16', weight_decay=1e-5,
+    weight_decay_params='all_but_batchnorm', label_smoothing=0.1,
+    ema_decay=0.9999)
+EFFICIENTNET = dict(TF_TPU_RECIPE, drop_path_rate=0.2, bn_momentum=0.99,
+                    bn_epsilon=1e-3, activation='swish')  # survival 0.8
+# The standard ResNet-50 recipe (PAPER.md: "each model's standard recipe").
+RESNET = dict(optimizer='sgd', nesterov=True, momentum=0.9, learning_rate=0.1,
+              batch_size=1024, lr_schedule='cosine', warmup_epochs=5.0,
+              num_epochs=90.0, weight_decay=1e-4, weight_decay_params='kernels',
+              label_smoothing=0.1, ema_decay=0.0)
+MOBILENET = dict(TF_TPU_RECIPE, weight_decay=4e-5)
+
+EXPECTED = {
+    'efficientnet_b0': ('efficientnet_b0', 0, 1.0,
+                        dict(EFFICIENTNET, dropout_rate=0.2)),
+    'efficientnet_b0_cc4': ('efficientnet_b0', 4, 1.0,
+                            dict(EFFICIENTNET, dropout_rate=0.25)),
+    'efficientnet_b0_cc8': ('efficientnet_b0', 8, 1.0,
+                            dict(EFFICIENTNET, dropout_rate=0.25)),
+    'mobilenet_v1': ('mobilenet_v1', 0, 1.0, dict(MOBILENET, bn_momentum=0.9)),
+    'mobilenet_v1_cc8': ('mobilenet_v1', 8, 1.0,
+                         dict(MOBILENET, bn_momentum=0.9)),
+    'mobilenet_v1_050': ('mobilenet_v1', 0, 0.5,
+                         dict(MOBILENET, bn_momentum=0.9)),
+    'mobilenet_v1_050_cc8': ('mobilenet_v1', 8, 0.5,
+                             dict(MOBILENET, bn_momentum=0.9)),
+    'mobilenet_v1_025': ('mobilenet_v1', 0, 0.25,
+                         dict(MOBILENET, bn_momentum=0.9)),
+    'mobilenet_v1_025_cc8': ('mobilenet_v1', 8, 0.25,
+                             dict(MOBILENET, bn_momentum=0.9)),
+    'mobilenet_v2': ('mobilenet_v2', 0, 1.0, MOBILENET),
+    'mobilenet_v2_cc8': ('mobilenet_v2', 8, 1.0, MOBILENET),
+    'mnasnet_a1': ('mnasnet_a1', 0, 1.0, dict(TF_TPU_RECIPE,
+                                              bn_momentum=0.99)),
+    'mnasnet_a1_cc8': ('mnasnet_a1', 8, 1.0, dict(TF_TPU_RECIPE,
+                                                  bn_momentum=0.99)),
+    'resnet50': ('resnet50', 0, 1.0, RESNET),
+    'resnet50_cc8': ('resnet50', 8, 1.0, RESNET),
+}
+# Parameter counts with 1000 classes (tests/test_models.py's pins).
+PARAMS = {('efficientnet_b0', 0, 1.0): 5_288_548,
+          ('efficientnet_b0', 4, 1.0): 13_314_116,
+          ('efficientnet_b0', 8, 1.0): 24_013_284,
+          ('mobilenet_v1', 0, 1.0): 4_231_976,
+          ('mobilenet_v1', 8, 1.0): 31_923_960,
+          ('mobilenet_v1', 0, 0.5): 1_331_592,
+          ('mobilenet_v1', 0, 0.25): 470_072,
+          ('mobilenet_v2', 0, 1.0): 3_504_872,
+          ('mobilenet_v2', 8, 1.0): 27_559_320,
+          ('mnasnet_a1', 0, 1.0): 3_887_038,
+          ('mnasnet_a1', 8, 1.0): 16_167_030,
+          ('resnet50', 0, 1.0): 25_557_032,
+          ('resnet50', 8, 1.0): 130_226_296}
+
 
 def test_every_paper_experiment_has_a_config():
   names = {c.split('.')[-1] for c in CONFIGS}
-  expected = {'mobilenet_v1', 'mobilenet_v1_cc8', 'mobilenet_v1_050',
-              'mobilenet_v1_050_cc8', 'mobilenet_v1_025',
-              'mobilenet_v1_025_cc8', 'mobilenet_v2', 'mobilenet_v2_cc8',
-              'mnasnet_a1', 'mnasnet_a1_cc8', 'resnet50', 'resnet50_cc8',
-              'efficientnet_b0', 'efficientnet_b0_cc4', 'efficientnet_b0_cc8',
-              'fashion_mnist'}
-  assert expected <= names
+  assert set(EXPECTED) | {'fashion_mnist'} <= names
 
 
-@pytest.mark.parametrize('module_name', CONFIGS)
-def test_config_loads_and_builds_its_model(module_name):
-  module = importlib.import_module(module_name)
-  doc = module.__doc__
-  assert 'python train.py --config configs/' in doc
-  assert 'top-1' in doc or 'accuracy' in doc
+@pytest.mark.parametrize('name', sorted(EXPECTED))
+def test_imagenet_config_is_the_papers_recipe(name):
+  module = importlib.import_module(f'configs.imagenet.{name}')
+  assert f'python train.py --config configs/imagenet/{name}.py' in (
+      module.__doc__)
+  assert 'Paper top-1' in module.__doc__
   config = module.get_config()
-  model = trainer.build_model(config, num_classes=10)
-  assert model is not None
+  model, experts, width, values = EXPECTED[name]
+  assert (config.model, config.num_experts, config.width) == (model, experts,
+                                                              width)
+  assert config.dataset == 'imagenet2012' and config.image_size == 224
+  for key, value in values.items():
+    assert config[key] == value, (key, config[key], value)
   with pytest.raises(AttributeError):
     config.not_a_field = 1
+  # The model the config builds, initialized (abstractly) at 224x224.
+  variables = jax.eval_shape(
+      trainer.build_model(config, num_classes=1000).init, jax.random.key(0),
+      np.zeros((1, 224, 224, 3), np.float32))
+  params = traverse_util.flatten_dict(variables['params'])
+  count = sum(v.size for v in params.values())
+  if (model, experts, width) in PARAMS:
+    assert count == PARAMS[model, experts, width]
+  expert_kernels = [v.shape[0] for k, v in params.items()
+                    if k[-1] == 'kernel' and v.ndim == 5]
+  assert expert_kernels == [experts] * len(expert_kernels)
+  assert bool(expert_kernels) == (experts > 0)
+
+
+def test_fashion_mnist_config():
+  module = importlib.import_module('configs.fashion_mnist')
+  assert 'python train.py --config configs/fashion_mnist.py' in module.__doc__
+  config = module.get_config()
+  assert tuple(config.compare_num_experts) == (0, 8)
+  assert (config.dataset, config.image_size, config.augment) == (
+      'fashion_mnist', 28, 'shift_flip')
+  trainer.build_model(config, num_classes=10)

@@ -1,11 +1,13 @@
 """End-to-end training: steps, evaluation, devices, processes, preemption."""
 
 import glob
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ def flat_params(state):
 def test_train_step_and_eval_on_mock_imagenet(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   cfg = tiny.config(dataset='imagenet2012', image_size=32, batch_size=4,
-                    num_train_steps=2)
+                    num_train_steps=2, augment='inception')
   with tfds.testing.mock_data(num_examples=10,
                               policy=tfds.testing.MockPolicy.USE_CODE):
     state, summary = trainer.train_and_evaluate(cfg, str(tmp_path))
@@ -38,6 +40,11 @@ def test_train_step_and_eval_on_mock_imagenet(tmp_path):
   assert (tmp_path / 'metrics.jsonl').read_text().count('"split": "train"')
 
 
+def normalized(images):
+  """tiny.dataset's normalization (mean 0.5, std 0.3 of [0, 1] pixels)."""
+  return (images.astype(np.float32) / 255 - 0.5) / 0.3
+
+
 def test_evaluation_counts_every_example_once(tmp_path):
   cfg = tiny.config(num_train_steps=2, batch_size=8)
   ds = tiny.dataset(cfg, num_test=13)  # 13 = 8 + 5: the last batch is short
@@ -46,9 +53,24 @@ def test_evaluation_counts_every_example_once(tmp_path):
   # Independently: the EMA model applied to all 13 examples at once.
   model = trainer.build_model(cfg, tiny.NUM_CLASSES)
   images, labels = ds.test
-  logits = model.apply(state.eval_variables(True), ds._normalize(images))
+  logits = model.apply(state.eval_variables(True), normalized(images))
   expected = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
   assert summary['eval_accuracy'] == pytest.approx(expected, abs=1e-6)
+
+
+def test_padding_never_counts_as_correct():
+  """The 3 padded examples of the last batch are zero images with label 0;
+  a model that predicts class 0 for everything must still score only the
+  real examples of class 0."""
+  cfg = tiny.config(batch_size=8)
+  ds = tiny.dataset(cfg, num_test=13)
+  run = trainer.Trainer(cfg, ds)
+  variables = jax.tree.map(np.array, run.eval_variables(run.init_state()))
+  variables['params']['classifier']['fc']['bias'][:, 0] = 1e4  # [E, C]
+  metrics = run.evaluate(variables)
+  labels = ds.test[1]
+  assert metrics['count'] == 13
+  assert metrics['accuracy'] == pytest.approx(np.mean(labels == 0))
 
 
 def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
@@ -76,12 +98,14 @@ def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
 
 
 class _NaNAtStep2(data.ArrayDataset):
+  """Float images (the normalization takes any dtype), NaN at step 2."""
 
   def train_batches(self, start_step=0):
     for step, batch in enumerate(super().train_batches(start_step),
                                  start_step):
+      batch['image'] = batch['image'].astype(np.float32)
       if step == 2:
-        batch['image'] = np.full_like(batch['image'], np.nan)
+        batch['image'][:] = np.nan
       yield batch
 
 
@@ -159,6 +183,77 @@ def test_two_processes_train_a_step_and_agree(tmp_path):
       assert_close_in_norm(p0[name], single[name], name)
 
 
+def _start_processes(workdirs, coordinator, steps, *extra):
+  env = {**os.environ,
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return [subprocess.Popen(
+      [sys.executable, 'tests/tiny_run.py', '--workdir', str(workdir),
+       '--out', f'{workdir}_{i}.npz', '--coordinator', coordinator,
+       '--num_processes', str(len(workdirs)), '--process_id', str(i),
+       '--steps', str(steps), *extra],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i, workdir in enumerate(workdirs)]
+
+
+def _finish(procs, timeout=600):
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=timeout)
+    results.append((p.returncode, out, err))
+  return results
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step(tmp_path):
+  """Preemption on a pod: SIGTERM reaches one host (here process 1, not the
+  one that writes the metrics); every process must stop at the same step,
+  that step's checkpoint must be written, and rerunning resumes from it."""
+  workdir = tmp_path / 'w'
+  procs = _start_processes([workdir] * 2, f'127.0.0.1:{_free_port()}',
+                           100_000, '--config.checkpoint_every_steps=100000',
+                           '--config.log_every_steps=5')
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count('\n') >= 2):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  results = _finish(procs)
+  summaries = []
+  for returncode, out, err in results:
+    assert returncode == 0, err[-3000:]
+    summaries.append(json.loads(out.strip().splitlines()[-1]))
+  saved = summaries[0]['step']
+  assert all(s['preempted'] and s['step'] == saved for s in summaries)
+  assert 10 <= saved < 100_000
+  assert (workdir / 'checkpoints' / str(saved)).is_dir()
+  # Rerun to two steps past the preemption, logging every step: it resumes
+  # at the saved step (a restart from 0 would log steps 1..saved+2).
+  results = _finish(_start_processes(
+      [workdir] * 2, f'127.0.0.1:{_free_port()}', saved + 2,
+      '--config.checkpoint_every_steps=100000', '--config.log_every_steps=1'))
+  for returncode, out, err in results:
+    assert returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert not summary['preempted'] and summary['step'] == saved + 2
+  logged = [json.loads(line)['step'] for line in
+            metrics.read_text().splitlines()
+            if json.loads(line)['split'] == 'train']
+  assert logged[-2:] == [saved + 1, saved + 2]
+  assert [s for s in logged if s <= saved] == list(range(5, saved + 1, 5))
+
+
+def test_workdir_not_shared_between_processes_is_an_error(tmp_path):
+  """Two 'hosts' each given a local folder: an error on both, before any
+  step, instead of two diverging sets of checkpoints."""
+  results = _finish(_start_processes([tmp_path / 'host0', tmp_path / 'host1'],
+                                     f'127.0.0.1:{_free_port()}', 2))
+  for returncode, _, err in results:
+    assert returncode != 0
+    assert 'is not shared by all 2 processes' in err, err[-3000:]
+  assert not (tmp_path / 'host0' / 'checkpoints').exists()
+  assert not (tmp_path / 'host1' / 'checkpoints').exists()
+
+
 def test_unknown_config_key_errors():
   result = _run(['train.py', '--config', 'configs/fashion_mnist.py',
                  '--workdir', '/tmp/unused', '--config.lerning_rate=0.1'])
@@ -169,17 +264,56 @@ def test_unknown_config_key_errors():
     cfg.lerning_rate = 0.1  # locked: a typo in a config file errors too
 
 
+def _snapshot(folder):
+  return {f: open(f, 'rb').read() for f in glob.glob(str(folder / '**'),
+                                                     recursive=True)
+          if os.path.isfile(f)}
+
+
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
-  cfg = tiny.config(num_train_steps=2, checkpoint_every_steps=2)
+  cfg = tiny.config(num_train_steps=4, checkpoint_every_steps=2)
   trainer.train_and_evaluate(cfg, str(tmp_path), dataset=tiny.dataset(cfg))
-  files = [f for f in glob.glob(str(tmp_path / 'checkpoints' / '2' / '**'),
-                                recursive=True) if os.path.isfile(f)]
-  for f in files:
+  # The array data of step 4 (metadata intact): the restore starts, then
+  # fails in tensorstore.
+  for f in glob.glob(str(tmp_path / 'checkpoints' / '4' / '**' / 'd' / '*'),
+                     recursive=True):
     with open(f, 'wb') as handle:
       handle.write(b'garbage')
-  with pytest.raises(RuntimeError, match='could not be restored'):
+  before = _snapshot(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match='step 4 .* could not be restored.*resumes from '
+                     'step 2'):
     trainer.restore_for_eval(cfg, str(tmp_path), dataset=tiny.dataset(cfg))
-  assert all(os.path.exists(f) for f in files)
+  assert _snapshot(tmp_path) == before
+
+
+def test_corrupt_checkpoint_gives_one_message_on_the_command_line(tmp_path):
+  from tests.test_data import write_fashion_mnist
+  data_dir = write_fashion_mnist(tmp_path / 'fashion', 32, 8)
+  workdir = tmp_path / 'run'
+  result = _run(['train.py', '--config', 'configs/fashion_mnist.py',
+                 '--workdir', str(workdir), f'--config.data_dir={data_dir}',
+                 '--config.num_train_steps=2', '--config.batch_size=16',
+                 '--config.compare_num_experts=()'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  for f in glob.glob(str(workdir / 'checkpoints' / '2' / '**' / 'd' / '*'),
+                     recursive=True):
+    with open(f, 'wb') as handle:
+      handle.write(b'garbage')
+  before = _snapshot(workdir)
+  for script in ('eval.py', 'train.py'):
+    args = ['--workdir', str(workdir)]
+    if script == 'train.py':
+      args += ['--config', 'configs/fashion_mnist.py',
+               f'--config.data_dir={data_dir}', '--config.batch_size=16',
+               '--config.num_train_steps=4', '--config.compare_num_experts=()']
+    result = _run([script, *args])
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f'{script}: checkpoint of step 2')
+    assert 'Traceback' not in result.stderr + result.stdout
+  assert _snapshot(workdir) == before
 
 
 def test_routing_analysis_matches_direct_computation(tmp_path):
@@ -191,7 +325,7 @@ def test_routing_analysis_matches_direct_computation(tmp_path):
   # Keyed by the CondConv (or block) that owns the routing function.
   assert set(by_class) >= {'sep4_dw', 'sep6_pw', 'classifier/fc'}
   images, labels = ds.test
-  _, inter = run.model.apply(variables, ds._normalize(images),
+  _, inter = run.model.apply(variables, normalized(images),
                              mutable=['intermediates'])
   weights = np.asarray(
       inter['intermediates']['sep5_pw']['routing']['routing_weights'][0])
@@ -205,15 +339,8 @@ def test_routing_analysis_matches_direct_computation(tmp_path):
 
 
 def test_train_and_eval_command_lines(tmp_path):
-  from tests.test_data import write_idx
-  rng = np.random.default_rng(0)
-  data_dir = tmp_path / 'fashion'
-  data_dir.mkdir()
-  for prefix, n in (('train', 64), ('t10k', 20)):
-    write_idx(data_dir / f'{prefix}-images-idx3-ubyte.gz',
-              rng.integers(0, 256, (n, 28, 28)))
-    write_idx(data_dir / f'{prefix}-labels-idx1-ubyte.gz',
-              rng.integers(0, 10, n))
+  from tests.test_data import write_fashion_mnist
+  data_dir = write_fashion_mnist(tmp_path / 'fashion', 64, 20)
   workdir = tmp_path / 'run'
   result = _run(['train.py', '--config', 'configs/fashion_mnist.py',
                  '--workdir', str(workdir), f'--config.data_dir={data_dir}',

@@ -15,6 +15,7 @@ def config(**overrides):
   c.num_experts = 2
   c.dataset = 'fashion_mnist'
   c.image_size = 8
+  c.augment = 'shift_flip'
   c.batch_size = 8
   c.num_train_steps = 6
   c.warmup_epochs = 0.0

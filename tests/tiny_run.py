@@ -1,11 +1,14 @@
 """A tiny training run in its own process, for the multi-device and
-multi-process tests: prints nothing, writes the final params to --out.
+multi-process tests: writes the final params to --out and prints the run's
+summary as JSON on its last stdout line.
 
   python tests/tiny_run.py --workdir W --out params.npz [--steps N]
       [--coordinator 127.0.0.1:PORT --num_processes 2 --process_id I]
+      [--config.FIELD=VALUE ...]
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -20,7 +23,7 @@ def main():
   parser.add_argument('--coordinator')
   parser.add_argument('--num_processes', type=int)
   parser.add_argument('--process_id', type=int)
-  args = parser.parse_args()
+  args, overrides = parser.parse_known_args()
   import jax  # pylint: disable=g-import-not-at-top
   if args.coordinator:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -30,12 +33,17 @@ def main():
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   from condconv_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  config = tiny.config(num_train_steps=args.steps)
+  fields = {}
+  for item in overrides:  # --config.FIELD=VALUE, VALUE a Python literal
+    key, value = item.removeprefix('--config.').split('=', 1)
+    fields[key] = json.loads(value)
+  config = tiny.config(num_train_steps=args.steps, **fields)
   state, summary = trainer.train_and_evaluate(config, args.workdir,
                                               dataset=tiny.dataset(config))
   params = traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
-  np.savez(args.out, eval_count=summary['eval_count'],
+  np.savez(args.out, eval_count=summary.get('eval_count', -1),
            devices=jax.device_count(), **params)
+  print(json.dumps(summary))
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from condconv_jax.choices import check_choice
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
+from condconv_jax.strategy import STRATEGIES
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'relu': nn.relu,
@@ -30,25 +33,38 @@ PADDINGS = ('SAME', 'symmetric')
 
 
 def activation_fn(name: str):
-  if name not in ACTIVATIONS:
-    raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got '
-                     f'{name!r}.')
-  return ACTIVATIONS[name]
+  return ACTIVATIONS[check_choice('activation', name, tuple(ACTIVATIONS))]
 
 
 def conv_padding(style: str, kernel_size: int):
   """'SAME' (TensorFlow: extra pixel at the end, what the official TF code and
   timm's tf_* ports use) or 'symmetric' (PyTorch: k//2 on both sides)."""
-  if style == 'SAME':
+  if check_choice('padding', style, PADDINGS) == 'SAME':
     return 'SAME'
-  if style == 'symmetric':
-    return ((kernel_size // 2,) * 2,) * 2
-  raise ValueError(f'padding must be one of {PADDINGS}, got {style!r}.')
+  return ((kernel_size // 2,) * 2,) * 2
 
 
 # He-normal on fan-out, the initializer of the official TF MnasNet/EfficientNet
 # and CondConv code (each expert separately; CondConv applies it per expert).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def depthwise_kernel_init(multiplier: int = 1):
+  """The same official initializer for a depthwise kernel: normal with std
+  sqrt(2 / fan_out), fan_out = kh * kw * multiplier.
+
+  The TF code computes fan_out = kh * kw * out_filters from the Keras kernel
+  shape, which for a depthwise conv is (kh, kw, C, multiplier). Ours is HWIO
+  (kh, kw, 1, C * multiplier), where variance_scaling would count
+  kh * kw * C * multiplier: sqrt(C) too small (EfficientNet-B0's first
+  depthwise conv: std 0.048 instead of 0.471). timm's `_init_weight_goog`
+  agrees with TF (fan_out = kh * kw * out_channels // groups).
+  """
+  def init(key, shape, dtype=jnp.float32):
+    kh, kw = shape[0], shape[1]
+    std = math.sqrt(2.0 / (kh * kw * multiplier))
+    return std * jax.random.normal(key, shape, dtype)
+  return init
 dense_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_out',
                                                      'uniform')
 
@@ -75,8 +91,13 @@ class ConvFactory:
 
   def __call__(self, features: int, kernel_size: int, *, strides: int = 1,
                groups: int = 1, use_bias: bool = False,
-               conditional: bool = False, kernel_init=conv_kernel_init,
+               conditional: bool = False, kernel_init=None,
                name: str) -> nn.Module:
+    """kernel_init: None = the official TF initializer for this conv (He
+    normal on the fan-out, the depthwise fan-out for depthwise convs)."""
+    depthwise = groups > 1 and groups == features
+    if kernel_init is None:
+      kernel_init = depthwise_kernel_init() if depthwise else conv_kernel_init
     common = dict(features=features, kernel_size=(kernel_size, kernel_size),
                   strides=strides,
                   padding=conv_padding(self.padding, kernel_size),
@@ -86,7 +107,7 @@ class ConvFactory:
       return CondConv(feature_group_count=groups, num_experts=self.num_experts,
                       strategy=self.strategy, routing=self._routing_factory(),
                       **common)
-    if groups > 1 and groups == features:
+    if depthwise:
       return DepthwiseConv(**common)
     return nn.Conv(feature_group_count=groups, **common)
 
@@ -181,6 +202,11 @@ class ConvNet(nn.Module):
   routing_dropout: float = 0.0
 
   def factories(self) -> tuple[ConvFactory, NormFactory]:
+    # Checked here, where every model reads them: a static model never
+    # builds a CondConv, so a misspelled strategy would pass unnoticed.
+    activation_fn(self.activation)
+    check_choice('padding', self.padding, PADDINGS)
+    check_choice('strategy', self.strategy, STRATEGIES)
     return (ConvFactory(self.num_experts, self.padding, self.dtype,
                         self.strategy, self.routing_dropout),
             NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype))

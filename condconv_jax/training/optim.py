@@ -1,4 +1,5 @@
-"""Learning-rate schedules and optimizers, built from a config.
+"""Learning-rate schedules, optimizers, the weight-decay mask and the EMA,
+built from a config the way the official TensorFlow recipes define them.
 
 Durations come in epochs and are converted to steps here, once; the learning
 rate in the config is per 256 examples and scaled by the global batch here.
@@ -6,57 +7,87 @@ rate in the config is per 256 examples and scaled by the global batch here.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from condconv_jax.choices import check_choice
+
 SCHEDULES = ('exponential', 'cosine', 'constant')
 OPTIMIZERS = ('rmsprop', 'sgd', 'adam')
+# Which parameters weight decay reaches. 'all_but_batchnorm' is the official
+# TF EfficientNet/MnasNet/CondConv rule (main.py adds weight_decay *
+# l2_loss(v) for every trainable v whose name lacks 'batch_normalization':
+# kernels, biases, routing); 'kernels' is the common rule for ResNets (the
+# Flax ImageNet example decays only params with ndim > 1).
+WEIGHT_DECAY_PARAMS = ('all_but_batchnorm', 'kernels')
 
 
 def peak_learning_rate(config) -> float:
   return config.learning_rate * config.batch_size / 256
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int):
-  """Linear warm-up from 0, then exponential (staircase), cosine or constant."""
-  if config.lr_schedule not in SCHEDULES:
-    raise ValueError(f'config.lr_schedule must be one of {SCHEDULES}, got '
-                     f'{config.lr_schedule!r}.')
+def learning_rate_schedule(config, steps_per_epoch: float, total_steps: int):
+  """step -> learning rate, the official TF EfficientNet `build_learning_rate`.
+
+  steps_per_epoch is a float (train examples / global batch), as in the TF
+  code. 'exponential': peak * decay_rate ** floor(step / decay_steps) with
+  decay_steps = lr_decay_epochs * steps_per_epoch, counted FROM STEP 0; the
+  linear warm-up peak * step / warmup_steps overrides the first
+  warmup_steps = int(warmup_epochs * steps_per_epoch) steps (it does not
+  delay the decay). 'cosine': warm-up, then a half cosine from the peak to 0
+  over the steps after warm-up (Goyal et al. / the Flax ImageNet example,
+  the ResNet recipe's). 'constant': the peak after warm-up.
+  """
+  check_choice('config.lr_schedule', config.lr_schedule, SCHEDULES)
   peak = peak_learning_rate(config)
   warmup = int(config.warmup_epochs * steps_per_epoch)
-  if config.lr_schedule == 'exponential':
-    # TF EfficientNet: x lr_decay_rate every lr_decay_epochs, staircase.
-    decay = optax.exponential_decay(
-        peak, transition_steps=max(1, int(config.lr_decay_epochs *
-                                          steps_per_epoch)),
-        decay_rate=config.lr_decay_rate, staircase=True)
-  elif config.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, max(1, total_steps - warmup))
-  else:
-    decay = optax.constant_schedule(peak)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  decay_steps = max(config.lr_decay_epochs * steps_per_epoch, 1.0)
+  cosine_steps = max(total_steps - warmup, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if config.lr_schedule == 'exponential':
+      lr = peak * config.lr_decay_rate ** jnp.floor(step / decay_steps)
+    elif config.lr_schedule == 'cosine':
+      progress = jnp.clip((step - warmup) / cosine_steps, 0.0, 1.0)
+      lr = 0.5 * peak * (1.0 + jnp.cos(math.pi * progress))
+    else:
+      lr = jnp.full_like(step, peak)
+    if warmup > 0:
+      lr = jnp.where(step < warmup, peak * step / warmup, lr)
+    return lr
+
+  return schedule
 
 
-def decay_mask(params):
-  """Weight decay on conv/dense kernels only: not on BN scales or biases
-  (CondConv's expert biases are 2-D, so the rule is by name, not by rank)."""
+def decay_mask(params, batch_stats, rule: str):
+  """{param path: bool}: which parameters weight decay reaches.
+
+  BatchNorm layers are recognized by owning running statistics in
+  `batch_stats` (structure, not names), so the rule holds for any model.
+  """
+  check_choice('config.weight_decay_params', rule, WEIGHT_DECAY_PARAMS)
+  batchnorm_modules = {path[:-1] for path in
+                       traverse_util.flatten_dict(batch_stats)}
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {path: path[-1] == 'kernel' for path in flat})
+  if rule == 'kernels':
+    # CondConv's expert biases are 2-D, so the rule is by name, not by rank.
+    mask = {path: path[-1] == 'kernel' for path in flat}
+  else:
+    mask = {path: path[:-1] not in batchnorm_modules for path in flat}
+  return traverse_util.unflatten_dict(mask)
 
 
-def make_optimizer(config, schedule) -> optax.GradientTransformation:
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f'config.optimizer must be one of {OPTIMIZERS}, got '
-                     f'{config.optimizer!r}.')
+def make_optimizer(config, schedule, mask) -> optax.GradientTransformation:
+  """The config's optimizer, with weight decay (on `mask`) added first."""
+  check_choice('config.optimizer', config.optimizer, OPTIMIZERS)
   if config.optimizer == 'rmsprop':
-    # TensorFlow's RMSProp: eps inside the sqrt, mean square starting at 1,
-    # momentum on the lr-scaled step.
+    # TensorFlow's RMSPropOptimizer: ms starts at 1, ms = rho ms + (1-rho) g^2,
+    # mom = momentum mom + lr g / sqrt(ms + eps), w -= mom.
     optimizer = optax.rmsprop(schedule, decay=config.rmsprop_decay,
                               eps=config.rmsprop_epsilon, initial_scale=1.0,
                               eps_in_sqrt=True, momentum=config.momentum)
@@ -65,15 +96,16 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
                           nesterov=config.nesterov)
   else:
     optimizer = optax.adam(schedule)
-  # The gradient of weight_decay * 0.5 * sum(w^2) (TF's l2_loss), added before
-  # the optimizer as in the official recipes.
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, decay_mask),
-      optimizer)
+  # The gradient of weight_decay * 0.5 * sum(w^2) (TF's l2_loss added to the
+  # loss), added before the optimizer as in the official recipes.
+  return optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
+                     optimizer)
 
 
 def ema_update(ema, new, step, decay: float):
-  """EMA with TF's warm-up: the decay is min(decay, (1 + t) / (10 + t))."""
+  """tf.train.ExponentialMovingAverage(decay, num_updates=step):
+  ema = rate * ema + (1 - rate) * new, rate = min(decay, (1 + t) / (10 + t)),
+  t the step being taken (0 for the first update)."""
   t = jnp.asarray(step, jnp.float32)
   rate = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
   return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, new)

@@ -8,15 +8,18 @@ needs no change to any model: run the evaluation split, average each layer's
 from __future__ import annotations
 
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from condconv_jax.training import workdir as workdir_lib
 
-def _per_class_sums(variables, batch, *, model, num_classes):
-  _, state = model.apply(variables, batch['image'], train=False,
+
+def _per_class_sums(variables, batch, *, model, normalize, num_classes):
+  _, state = model.apply(variables, normalize(batch['image']), train=False,
                          mutable=['intermediates'])
   onehot = (jax.nn.one_hot(batch['label'], num_classes) *
             batch['mask'][:, None].astype(jnp.float32))
@@ -33,6 +36,7 @@ def routing_by_class(trainer, variables) -> dict[str, np.ndarray]:
   """{path of the CondConv (or block) owning a routing function:
   [num_classes, E] mean routing weights}."""
   step = jax.jit(functools.partial(_per_class_sums, model=trainer.model,
+                                   normalize=trainer.normalize,
                                    num_classes=trainer.num_classes))
   totals, counts = None, None
   for batch in trainer.dataset.eval_batches():
@@ -76,5 +80,14 @@ def plot(by_class: dict[str, np.ndarray], path: str, title: str = ''):
     ax.axis('off')
   fig.suptitle(title or 'mean routing weight per class')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path)
   plt.close(fig)
+
+
+def save_figure(fig, path):
+  """Saves a matplotlib figure as PNG to a local path or a gs:// URI."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=110)
+  path = workdir_lib.as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())

@@ -6,9 +6,13 @@ step is one jax.jit; XLA inserts the gradient all-reduce, and BatchNorm's
 batch statistics are means over the global batch. Multi-host is the same code
 after jax.distributed.initialize() (train.py does that when asked).
 
+What is learned (loss, metrics, evaluation) comes from a task
+(`tasks.py`); the loop does not fork on it.
+
 A run resumes from its workdir by itself and continues exactly: the state
 (including the step and RNG) comes from the checkpoint, and batch k, dropout
-masks and the EMA depend only on k.
+masks and the EMA depend only on k. The workdir may be any path etils.epath
+handles (local, gs://); on several processes it must be shared.
 """
 
 from __future__ import annotations
@@ -16,9 +20,6 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
-import signal
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,8 +32,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from condconv_jax import cost
 from condconv_jax.models import get_model
-from condconv_jax.training import checkpoint, data, optim
+from condconv_jax.training import checkpoint, data, optim, tasks
+from condconv_jax.training import workdir as workdir_lib
+from condconv_jax.choices import check_choice
 from condconv_jax.training.metrics_log import MetricsLog
+from condconv_jax.training.preemption import PreemptionWatch
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Model fields a config may set; None in the config keeps the model default.
@@ -57,9 +61,7 @@ class TrainState:
 
 
 def build_model(config, num_classes: int):
-  if config.dtype not in DTYPES:
-    raise ValueError(f'config.dtype must be one of {sorted(DTYPES)}, got '
-                     f'{config.dtype!r}.')
+  check_choice('config.dtype', config.dtype, tuple(DTYPES))
   kwargs = {name: config[name] for name in MODEL_FIELDS
             if config[name] is not None}
   kwargs.update(config.model_kwargs.to_dict())
@@ -69,40 +71,30 @@ def build_model(config, num_classes: int):
                    **kwargs)
 
 
-def cross_entropy(logits, labels, num_classes, smoothing=0.0):
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
-                                smoothing) if smoothing else jax.nn.one_hot(
-                                    labels, num_classes)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def train_step(state: TrainState, batch, *, model, tx, config, num_classes):
+def train_step(state: TrainState, batch, *, model, tx, task, normalize,
+               ema_decay: float):
   rng = jax.random.fold_in(state.rng, state.step)
+  images = normalize(batch['image'])
 
   def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+    outputs, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-    loss = cross_entropy(logits, batch['label'], num_classes,
-                         config.label_smoothing).mean()
-    return loss, (logits, updates['batch_stats'])
+    loss, metrics = task.loss(outputs, batch)
+    return loss, (metrics, updates['batch_stats'])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-  if config.ema_decay > 0:
-    ema_params = optim.ema_update(ema_params, params, state.step,
-                                  config.ema_decay)
+  if ema_decay > 0:
+    ema_params = optim.ema_update(ema_params, params, state.step, ema_decay)
     ema_batch_stats = optim.ema_update(ema_batch_stats, batch_stats,
-                                       state.step, config.ema_decay)
-  metrics = {
-      'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-      'grad_norm': optax.tree.norm(grads),
-      'param_norm': optax.tree.norm(params),
-  }
+                                       state.step, ema_decay)
+  metrics = {'loss': loss, **metrics,
+             'grad_norm': optax.tree.norm(grads),
+             'param_norm': optax.tree.norm(params)}
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state,
                             ema_params=ema_params,
@@ -110,23 +102,25 @@ def train_step(state: TrainState, batch, *, model, tx, config, num_classes):
   return new_state, metrics
 
 
-def eval_step(variables, batch, *, model, num_classes):
-  logits = model.apply(variables, batch['image'], train=False)
-  mask = batch['mask'].astype(jnp.float32)
-  loss = cross_entropy(logits, batch['label'], num_classes)
-  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-  return {'loss': jnp.sum(loss * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+def eval_step(variables, batch, *, model, task, normalize):
+  outputs = model.apply(variables, normalize(batch['image']), train=False)
+  return task.eval_outputs(outputs, batch)
+
+
+def make_task(config, dataset):
+  return tasks.Classification(dataset.num_classes, config.label_smoothing)
 
 
 class Trainer:
-  """Holds what a run needs: mesh, model, dataset, jitted steps."""
+  """Holds what a run needs: mesh, model, dataset, task, jitted steps."""
 
   def __init__(self, config, dataset=None):
     self.config = config
     self.dataset = dataset or data.make_dataset(config)
     self.num_classes = self.dataset.num_classes
     self.model = build_model(config, self.num_classes)
+    self.task = make_task(config, self.dataset)
+    self.normalize = self.dataset.normalization
     # Auto axes: XLA propagates the batch sharding through the model (any
     # Flax model works unchanged); Explicit axes would type every op.
     self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
@@ -140,31 +134,44 @@ class Trainer:
     self.steps_per_epoch = self.dataset.steps_per_epoch
     self.total_steps = (config.num_train_steps if config.num_train_steps > 0
                         else int(config.num_epochs * self.steps_per_epoch))
-    self.schedule = optim.learning_rate_schedule(config, self.steps_per_epoch,
-                                                 self.total_steps)
-    self.tx = optim.make_optimizer(config, self.schedule)
+    # The TF recipes count epochs in fractional steps (examples / batch).
+    self.schedule = optim.learning_rate_schedule(
+        config, self.dataset.num_train / config.batch_size, self.total_steps)
+    abstract = self.abstract_variables()
+    self.tx = optim.make_optimizer(
+        config, self.schedule,
+        optim.decay_mask(abstract['params'], abstract.get('batch_stats', {}),
+                         config.weight_decay_params))
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx,
-                          config=config, num_classes=self.num_classes),
+                          task=self.task, normalize=self.normalize,
+                          ema_decay=config.ema_decay),
         in_shardings=(self.replicated, self.data_sharding),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.eval_step = jax.jit(
-        functools.partial(eval_step, model=self.model,
-                          num_classes=self.num_classes),
+        functools.partial(eval_step, model=self.model, task=self.task,
+                          normalize=self.normalize),
         in_shardings=(self.replicated, self.data_sharding),
         out_shardings=self.replicated)
 
   def image_shape(self):
     return (1, *self.dataset.image_shape)
 
+  def _init_variables(self, rng):
+    params_rng, dropout_rng = jax.random.split(rng)
+    return self.model.init({'params': params_rng, 'dropout': dropout_rng},
+                           jnp.zeros(self.image_shape()), train=False)
+
+  def abstract_variables(self):
+    """The model's variables as ShapeDtypeStructs (no arithmetic)."""
+    return jax.eval_shape(self._init_variables, jax.random.key(0))
+
   def init_state(self) -> TrainState:
     def init(seed):
-      rng = jax.random.PRNGKey(seed)
-      params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-      variables = self.model.init(
-          {'params': params_rng, 'dropout': dropout_rng},
-          jnp.zeros(self.image_shape()), train=False)
-      params, batch_stats = variables['params'], variables['batch_stats']
+      variables_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+      variables = self._init_variables(variables_rng)
+      params = variables['params']
+      batch_stats = variables.get('batch_stats', {})
       use_ema = self.config.ema_decay > 0
       return TrainState(
           step=jnp.zeros((), jnp.int32), params=params,
@@ -175,51 +182,35 @@ class Trainer:
                    out_shardings=self.replicated)(self.config.seed)
 
   def abstract_state(self):
-    shapes = jax.eval_shape(self.init_state)
+    return self.replicated_like(jax.eval_shape(self.init_state))
+
+  def replicated_like(self, tree):
+    """ShapeDtypeStructs of `tree`, replicated over the mesh (restore
+    targets: every process gets the whole state)."""
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                       sharding=self.replicated), shapes)
+                                       sharding=self.replicated), tree)
 
   def to_global(self, batch):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.data_sharding,
                                                          x), batch)
 
+  def model_inputs(self, batch):
+    """A global batch's images as the model sees them (normalized)."""
+    return self.normalize(batch['image'])
+
   def eval_variables(self, state: TrainState) -> dict:
     """The variables evaluation uses: the EMA's when the run keeps one."""
     return state.eval_variables(self.config.ema_decay > 0)
 
   def evaluate(self, variables) -> dict:
-    """Accuracy and loss over every example of the evaluation split."""
-    totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+    """The task's metrics over every example of the evaluation split."""
+    evaluator = self.task.evaluator()
     for batch in self.dataset.eval_batches():
-      sums = jax.device_get(self.eval_step(variables, self.to_global(batch)))
-      for k in totals:
-        totals[k] += float(sums[k])
-    count = max(totals['count'], 1.0)
-    return {'accuracy': totals['correct'] / count,
-            'loss': totals['loss'] / count, 'count': totals['count']}
-
-
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+      evaluator.add(jax.device_get(self.eval_step(variables,
+                                                  self.to_global(batch))))
+    return evaluator.result()
 
 
 def _prefetch_to_device(batches, size: int = 2):
@@ -264,29 +255,33 @@ def _mean_metrics(window: Sequence[dict]) -> dict:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def write_config(config, workdir: str):
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def train_and_evaluate(config, workdir: str, *, dataset=None,
+def train_and_evaluate(config, workdir, *, dataset=None,
                        step_hooks: Sequence[Callable[[int], None]] = ()):
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates.
 
+  workdir: a local path or any URI etils.epath handles (gs://bucket/run).
   Returns (state, summary) where summary has the final evaluation metrics,
   params, MADDs and whether the run was preempted. step_hooks are called
   with each finished step (tests use them to simulate preemption).
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.as_path(workdir)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.check_shared(workdir)
   trainer = Trainer(config, dataset)
-  write_config(config, workdir)
   model_cost = cost.count(trainer.model, trainer.image_shape())
   mngr = checkpoint.manager(workdir, config)
-  if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, trainer.abstract_state())
-  else:
-    state = trainer.init_state()
+  try:
+    if mngr.latest_step() is not None:
+      state = checkpoint.restore(mngr, trainer.abstract_state())
+    else:
+      state = trainer.init_state()
+  except:
+    mngr.close()
+    raise
+  if jax.process_index() == 0:  # after the restore: a failed one changes nothing
+    workdir_lib.write_text(workdir / 'config.json', config.to_json_best_effort(
+        indent=2, sort_keys=True))
   start_step = int(state.step)
   log = MetricsLog(workdir, trainer.total_steps, start_step,
                    config.batch_size)
@@ -300,7 +295,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
   preempted, window, eval_metrics = False, [], None
   loss_check = _FiniteLossCheck()
   try:
-    with _Preemption() as preemption:
+    with PreemptionWatch() as preemption:
       for step in range(start_step, trainer.total_steps):
         state, metrics = trainer.train_step(state, next(train_iter))
         loss_check.add(step, metrics)
@@ -323,13 +318,9 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
           loss_check.flush()
           eval_metrics = trainer.evaluate(trainer.eval_variables(state))
           log.write(done, 'eval', eval_metrics)
-          log.message(f'step {done}: eval accuracy '
-                      f'{eval_metrics["accuracy"]:.4f} over '
-                      f'{int(eval_metrics["count"])} examples')
-        # Multi-host: every process must stop at the same step, which JAX's
-        # preemption sync (behind reached_preemption) agrees on.
-        stop = (mngr.reached_preemption(done) if jax.process_count() > 1
-                else preemption.requested)
+          log.message(f'step {done}: eval ' + ', '.join(
+              f'{k} {v:.4g}' for k, v in eval_metrics.items()))
+        stop = preemption.should_stop(done)
         if last or stop or done % config.checkpoint_every_steps == 0:
           loss_check.flush()
           checkpoint.save(mngr, done, state, force=last or stop)
@@ -351,20 +342,19 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
              **({f'eval_{k}': v for k, v in eval_metrics.items()}
                 if eval_metrics else {})}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+    workdir_lib.write_json(workdir / 'summary.json', summary)
   return state, summary
 
 
-def load_config(workdir: str):
-  """The resolved config a run wrote to its workdir, as a locked ConfigDict."""
+def load_config(directory):
+  """The resolved config a run (or the converter) wrote to `directory`, as
+  a locked ConfigDict."""
   from configs import base  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = workdir_lib.as_path(directory) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: pass --config, or point '
                             f'--workdir at a training workdir.')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   config = base.get_base_config()
   with config.unlocked():
     config.model_kwargs = saved.pop('model_kwargs', {})
@@ -373,14 +363,16 @@ def load_config(workdir: str):
   return config
 
 
-def restore_for_eval(config, workdir: str, step: int | None = None,
+def restore_for_eval(config, workdir, step: int | None = None,
                      dataset=None):
   """(trainer, variables) from a workdir's checkpoint, for evaluation and
   analysis: the EMA variables when the run keeps an EMA."""
   trainer = Trainer(config, dataset)
-  mngr = checkpoint.manager(workdir, config, read_only=True)
+  mngr = checkpoint.manager(workdir_lib.as_path(workdir), config,
+                            read_only=True)
   try:
     state = checkpoint.restore(mngr, trainer.abstract_state(), step)
   finally:
     mngr.close()
   return trainer, trainer.eval_variables(state)
+

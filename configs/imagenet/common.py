@@ -10,7 +10,8 @@ from configs import base
 
 # The official EfficientNet/MnasNet TPU recipe: RMSProp (TF), 0.016 per 256
 # with 5 warm-up epochs, x0.97 every 2.4 epochs, 350 epochs, batch 2048,
-# weight decay 1e-5, label smoothing 0.1, EMA 0.9999, bf16.
+# weight decay 1e-5 on every non-BatchNorm parameter, label smoothing 0.1,
+# EMA 0.9999, bf16.
 TPU_RECIPE = dict(
     dtype='bfloat16', batch_size=2048, num_epochs=350.0, warmup_epochs=5.0,
     optimizer='rmsprop', learning_rate=0.016, lr_schedule='exponential',
@@ -23,7 +24,8 @@ TPU_RECIPE = dict(
 RESNET_RECIPE = dict(
     dtype='bfloat16', batch_size=1024, num_epochs=90.0, warmup_epochs=5.0,
     optimizer='sgd', nesterov=True, learning_rate=0.1, lr_schedule='cosine',
-    weight_decay=1e-4, label_smoothing=0.1, ema_decay=0.0,
+    weight_decay=1e-4, weight_decay_params='kernels', label_smoothing=0.1,
+    ema_decay=0.0,
     checkpoint_every_steps=2000)
 
 
