@@ -10,7 +10,9 @@ weights when the run kept them); --checkpoint a folder of converted weights
 one saved beside the checkpoint unless --config is given (then
 --config.field=value overrides it); --data_dir and --batch_size override the
 saved config. With --routing_png it also writes the paper's routing
-analysis: the mean routing weight per class for every CondConv layer.
+analysis: the mean routing weight per class for every CondConv layer
+(detectors: over all images); with --detections_png, detectors draw their
+boxes on the first --num_images images of the evaluation split (--split).
 Multi-host: the same flags as train.py (--distributed, or
 --coordinator_address/--num_processes/--process_id).
 """
@@ -21,9 +23,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from condconv_jax import convert
-from condconv_jax.training import (checkpoint, distributed, routing_analysis,
-                                   trainer)
+from condconv_jax import convert, cpu_setup
+from condconv_jax.training import (checkpoint, detection_figure, distributed,
+                                   routing_analysis, tasks, trainer)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -33,6 +35,12 @@ flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints/.')
 flags.DEFINE_string('checkpoint', None, 'Folder of converted weights.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 flags.DEFINE_string('routing_png', None, 'Write the routing analysis here.')
+flags.DEFINE_string('detections_png', None,
+                    'Detectors: write evaluation images with ground-truth '
+                    'and detected boxes here.')
+flags.DEFINE_integer('num_images', 4, 'Images in --detections_png.')
+flags.DEFINE_float('min_score', 0.3, 'Detections drawn: score at least.')
+flags.DEFINE_string('split', None, 'Overrides config.eval_split.')
 flags.DEFINE_string('data_dir', None, 'Overrides config.data_dir.')
 flags.DEFINE_integer('batch_size', None, 'Overrides config.batch_size.')
 flags.mark_flags_as_mutual_exclusive(['workdir', 'checkpoint'], required=True)
@@ -50,6 +58,9 @@ def restore(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # XLA's per-step temporaries page-fault under glibc's malloc; re-executes
+  # once with tcmalloc preloaded when installed (condconv_jax/cpu_setup.py).
+  cpu_setup.use_tcmalloc()
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   distributed.initialize()
   source = FLAGS.workdir or FLAGS.checkpoint
@@ -58,18 +69,34 @@ def main(argv):
     config.data_dir = FLAGS.data_dir
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size
+  if FLAGS.split is not None:
+    config.eval_split = FLAGS.split
   try:
     run, variables = restore(config)
   except checkpoint.CheckpointError as error:
     checkpoint.exit_with(error, 'eval.py')
   metrics = run.evaluate(variables)
+  title = (f'{config.model}, {config.num_experts} experts, '
+           f'{config.dataset} {config.eval_split}'.strip())
+  detection = isinstance(run.task, tasks.Detection)
   if FLAGS.routing_png:
-    by_class = routing_analysis.routing_by_class(run, variables)
-    if jax.process_index() == 0:
-      routing_analysis.plot(
-          by_class, FLAGS.routing_png,
-          title=f'{config.model}, {config.num_experts} experts')
+    if detection:
+      by_layer = routing_analysis.routing_by_layer(run, variables)
+      if jax.process_index() == 0:
+        routing_analysis.plot_layers(by_layer, FLAGS.routing_png, title)
+    else:
+      by_class = routing_analysis.routing_by_class(run, variables)
+      if jax.process_index() == 0:
+        routing_analysis.plot(by_class, FLAGS.routing_png, title)
     metrics['routing_png'] = FLAGS.routing_png
+  if FLAGS.detections_png:
+    if not detection:
+      raise app.UsageError('--detections_png needs a detection model.')
+    examples = detection_figure.first_images(run, variables, FLAGS.num_images)
+    if jax.process_index() == 0:
+      detection_figure.plot(examples, FLAGS.detections_png, FLAGS.min_score,
+                            title)
+    metrics['detections_png'] = FLAGS.detections_png
   if jax.process_index() == 0:
     print(json.dumps(metrics, indent=2))
 

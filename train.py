@@ -19,6 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from condconv_jax import cpu_setup
 from condconv_jax.training import checkpoint, distributed, trainer
 from condconv_jax.training import workdir as workdir_lib
 
@@ -43,13 +44,16 @@ def compare(config, workdir):
       return  # rerun the same command: finished runs are not repeated
     rows.append((num_experts, summary))
   if jax.process_index() == 0:
-    print(f'\n{config.model} on {config.dataset}, seed {config.seed}')
-    print('| experts | params | MADDs | test accuracy | examples |')
-    print('|---:|---:|---:|---:|---:|')
+    metrics = (('AP', 'AP50') if 'eval_AP' in rows[0][1] else ('accuracy',))
+    split = config.eval_split or 'evaluation split'
+    print(f'\n{config.model} on {config.dataset} ({split}), seed '
+          f'{config.seed}')
+    print(f'| experts | params | MADDs | {" | ".join(metrics)} | examples |')
+    print('|---:|---:|---:|' + '---:|' * len(metrics) + '---:|')
     for num_experts, s in rows:
+      values = ' | '.join(f'{100 * s[f"eval_{m}"]:.2f}%' for m in metrics)
       print(f'| {num_experts} | {s["params"]:,} | {s["macs"] / 1e6:.2f}M | '
-            f'{100 * s.get("eval_accuracy", float("nan")):.2f}% | '
-            f'{int(s.get("eval_count", 0))} |')
+            f'{values} | {int(s["eval_count"])} |')
     workdir_lib.write_json(workdir / 'compare.json',
                            {str(e): s for e, s in rows})
 
@@ -57,6 +61,9 @@ def compare(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # XLA's per-step temporaries page-fault under glibc's malloc; re-executes
+  # once with tcmalloc preloaded when installed (condconv_jax/cpu_setup.py).
+  cpu_setup.use_tcmalloc()
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize()
   config = FLAGS.config

@@ -39,6 +39,7 @@ class LayerCost:
   params: int
   macs: int
   output_shape: tuple[int, ...]
+  depthwise: bool = False  # a conv with one input channel per group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,14 @@ def _layer_macs(module, in_shape, out_shape) -> int:
   return 0
 
 
+def _is_depthwise(module, in_shape) -> bool:
+  if isinstance(module, DepthwiseConv):
+    return True
+  groups = getattr(module, 'feature_group_count', 1)
+  return (isinstance(module, (CondConv, nn.Conv)) and groups > 1 and
+          groups == in_shape[-1])
+
+
 _COUNTED = (CondConv, DepthwiseConv, nn.Conv, nn.Dense, nn.BatchNorm, Routing,
             SqueezeExcite, Classifier)
 
@@ -129,6 +138,6 @@ def count(model: nn.Module, input_shape: Sequence[int], **call_kwargs) -> Cost:
     layers.append(LayerCost(path, type(module).__name__,
                             params_under.get(path, 0),
                             _layer_macs(module, in_shape, out_shape),
-                            tuple(out_shape)))
+                            tuple(out_shape), _is_depthwise(module, in_shape)))
   total_params = sum(math.prod(leaf.shape) for leaf in params.values())
   return Cost(total_params, sum(layer.macs for layer in layers), tuple(layers))

@@ -24,16 +24,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.routing_dropout = config_dict.placeholder(float)
   c.model_kwargs = ml_collections.ConfigDict()  # e.g. placement overrides
   # Data.
-  c.dataset = 'imagenet2012'  # or 'fashion_mnist'
+  c.dataset = 'imagenet2012'  # or 'fashion_mnist', 'coco', 'deepforest'
   c.data_dir = ''
   c.image_size = 224
   c.normalization = 'imagenet'
   c.augment = 'inception'  # ImageNet: or 'none'; Fashion-MNIST: 'shift_flip'
+  c.eval_split = ''  # '' = the dataset's evaluation split
+  # Detection: the SSD loss preset, 'tf_coco' (sigmoid + hard negative
+  # mining, ssd_mobilenet_v1_coco.config) or 'tf_tpu_focal' (the TPU config).
+  c.detection_loss = 'tf_coco'
+  c.loss_kwargs = ml_collections.ConfigDict()  # SSDLoss fields to override
   # Optimization. learning_rate is per 256 examples (scaled by batch_size).
   c.batch_size = 256  # global, over all devices and hosts
   c.num_epochs = 350.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.warmup_epochs = 5.0
+  c.warmup_start = 0.0  # the warm-up starts at this fraction of the peak
   c.optimizer = 'rmsprop'
   c.learning_rate = 0.016
   c.lr_schedule = 'exponential'

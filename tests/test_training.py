@@ -184,12 +184,16 @@ def test_two_processes_train_a_step_and_agree(tmp_path):
 
 
 def _start_processes(workdirs, coordinator, steps, *extra):
+  """One tests/tiny_run.py per workdir; several join one job at
+  `coordinator`."""
   env = {**os.environ,
          'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  job = (['--coordinator', coordinator, '--num_processes',
+          str(len(workdirs))] if len(workdirs) > 1 else [])
   return [subprocess.Popen(
       [sys.executable, 'tests/tiny_run.py', '--workdir', str(workdir),
-       '--out', f'{workdir}_{i}.npz', '--coordinator', coordinator,
-       '--num_processes', str(len(workdirs)), '--process_id', str(i),
+       '--out', f'{workdir}_{i}.npz', *job,
+       *(['--process_id', str(i)] if job else []),
        '--steps', str(steps), *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i, workdir in enumerate(workdirs)]

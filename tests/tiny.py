@@ -42,3 +42,23 @@ def dataset(cfg, num_train=32, num_test=10, seed=0):
 
   return data.ArrayDataset(split(num_train), split(num_test), NUM_CLASSES,
                            cfg.batch_size, cfg.seed, mean=0.5, std=0.3)
+
+
+def detection_config(**overrides):
+  """The tree-crown job (configs/deepforest.py) at toy size: 64x64 inputs,
+  width 0.25, static (compiling CondConv's detector is what costs here; the
+  mock COCO test trains one), a few steps."""
+  from configs import deepforest  # pylint: disable=g-import-not-at-top
+  c = deepforest.get_config()
+  c.num_experts = 0
+  c.compare_num_experts = ()
+  c.image_size = 64
+  c.batch_size = 4
+  c.num_train_steps = 4
+  c.warmup_epochs = 0.0
+  c.lr_schedule = 'constant'
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.eval_split = 'validation'
+  c.update(overrides)
+  return c

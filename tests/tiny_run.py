@@ -4,7 +4,7 @@ summary as JSON on its last stdout line.
 
   python tests/tiny_run.py --workdir W --out params.npz [--steps N]
       [--coordinator 127.0.0.1:PORT --num_processes 2 --process_id I]
-      [--config.FIELD=VALUE ...]
+      [--detection] [--config.FIELD=VALUE ...]
 """
 
 import argparse
@@ -23,6 +23,8 @@ def main():
   parser.add_argument('--coordinator')
   parser.add_argument('--num_processes', type=int)
   parser.add_argument('--process_id', type=int)
+  parser.add_argument('--detection', action='store_true',
+                      help='the toy tree-crown detector instead')
   args, overrides = parser.parse_known_args()
   import jax  # pylint: disable=g-import-not-at-top
   if args.coordinator:
@@ -37,9 +39,14 @@ def main():
   for item in overrides:  # --config.FIELD=VALUE, VALUE a Python literal
     key, value = item.removeprefix('--config.').split('=', 1)
     fields[key] = json.loads(value)
-  config = tiny.config(num_train_steps=args.steps, **fields)
+  if args.detection:
+    config = tiny.detection_config(num_train_steps=args.steps, **fields)
+    dataset = None  # the real data (data/deepforest)
+  else:
+    config = tiny.config(num_train_steps=args.steps, **fields)
+    dataset = tiny.dataset(config)
   state, summary = trainer.train_and_evaluate(config, args.workdir,
-                                              dataset=tiny.dataset(config))
+                                              dataset=dataset)
   params = traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
   np.savez(args.out, eval_count=summary.get('eval_count', -1),
            devices=jax.device_count(), **params)

@@ -48,6 +48,7 @@ sigmoid routing weights would scale a class bias prior (the focal config's
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,6 +74,15 @@ def tf_truncated_normal(stddev: float):
 _KERNEL_INIT = tf_truncated_normal(0.03)
 
 
+def predictor_kernel_init(stddev: float, truncated: bool):
+  """The box predictor's initializer: truncated normal 0.03 in
+  ssd_mobilenet_v1_coco.config, random normal 0.01 in
+  ssd_mobilenet_v1_300x300_coco14_sync.config."""
+  if truncated:
+    return tf_truncated_normal(stddev)
+  return nn.initializers.normal(stddev)
+
+
 class BoxPredictor(nn.Module):
   """One feature map's box and class convs -> ([B, h*w*n, 4],
   [B, h*w*n, num_classes]) float32, in (y, x, anchor) order."""
@@ -84,6 +94,7 @@ class BoxPredictor(nn.Module):
   kernel_size: int = 1
   class_bias_init: float = 0.0
   dropout_rate: float = 0.0
+  kernel_init: Any = _KERNEL_INIT
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -93,7 +104,7 @@ class BoxPredictor(nn.Module):
 
     def predict(inputs, features, bias_init, name):
       conv = self.convs(features, kernel_size, conditional=self.conditional,
-                        kernel_init=_KERNEL_INIT, name=name)
+                        kernel_init=self.kernel_init, name=name)
       y = apply_conv(conv, inputs, train=train).astype(jnp.float32)
       return y + self.param(f'{name}_bias', bias_init, (features,))
 
@@ -126,6 +137,8 @@ class SSDMobileNetV1(ConvNet):
   condconv_predictors: bool = True
   predictor_kernel_size: int = 1
   class_bias_init: float = 0.0  # -4.6 in the focal (TPU) config
+  predictor_init_stddev: float = 0.03  # 0.01 in the TPU config
+  predictor_init_truncated: bool = True  # False (normal) in the TPU config
   # Anchors (create_ssd_anchors; ssd_mobilenet_v1_coco.config defaults).
   min_scale: float = 0.2
   max_scale: float = 0.95
@@ -214,6 +227,9 @@ class SSDMobileNetV1(ConvNet):
       b, c = BoxPredictor(n, self.num_classes, convs,
                           self.condconv_predictors, self.predictor_kernel_size,
                           self.class_bias_init, self.dropout_rate,
+                          predictor_kernel_init(
+                              self.predictor_init_stddev,
+                              self.predictor_init_truncated),
                           name=f'box_predictor_{i}')(fmap, train=train)
       boxes.append(b)
       logits.append(c)

@@ -29,7 +29,9 @@ import numpy as np
 
 from condconv_jax.choices import check_choice
 
-DATASETS = ('fashion_mnist', 'imagenet2012')
+CLASSIFICATION_DATASETS = ('fashion_mnist', 'imagenet2012')
+DETECTION_DATASETS = ('coco', 'deepforest')
+DATASETS = CLASSIFICATION_DATASETS + DETECTION_DATASETS
 FASHION_MNIST_AUGMENTATIONS = ('shift_flip', 'none')
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -79,6 +81,18 @@ def load_fashion_mnist(data_dir: str | None = None):
         'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and '
         't10k-labels-idx1-ubyte.gz, or run where tfds.load("fashion_mnist") '
         f'can download. (tfds said: {error})') from error
+
+
+def tfds_num_examples(builder, split: str) -> int:
+  """Examples in a TFDS split (or slice); counted by reading where the
+  dataset has no split metadata (tfds mock data)."""
+  try:
+    return builder.info.splits[split].num_examples
+  except (KeyError, ValueError):
+    pass
+  ds = builder.as_dataset(split=split)
+  count = int(ds.cardinality())
+  return count if count >= 0 else sum(1 for _ in ds)
 
 
 def local_batch_size(batch_size: int) -> int:
@@ -182,7 +196,8 @@ class ArrayDataset:
       out[i] = crop[:, ::-1] if flips[i] else crop
     return out
 
-  def eval_batches(self) -> Iterator[dict]:
+  def eval_batches(self, split: str | None = None) -> Iterator[dict]:
+    check_choice('config.eval_split', split or 'test', ('test',))
     images, labels = self.test
     shards = np.array_split(np.arange(self.num_eval), jax.process_count())
     mine = shards[jax.process_index()]
@@ -217,5 +232,11 @@ def make_dataset(config):
     return ArrayDataset(splits['train'], splits['test'], 10, config.batch_size,
                         config.seed, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                         augment=augment != 'none')
+  if config.dataset == 'coco':
+    from condconv_jax.training import coco  # pylint: disable=g-import-not-at-top
+    return coco.Coco(config)
+  if config.dataset == 'deepforest':
+    from condconv_jax.training import deepforest  # pylint: disable=g-import-not-at-top
+    return deepforest.TreeCrowns(config)
   from condconv_jax.training import imagenet  # pylint: disable=g-import-not-at-top
   return imagenet.ImageNet(config)

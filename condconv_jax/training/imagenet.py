@@ -59,8 +59,8 @@ class ImageNet:
     self.builder = tfds.builder('imagenet2012',
                                 data_dir=config.data_dir or None)
     try:
-      self.num_train = self._num_examples('train')
-      self.num_eval = self._num_examples('validation')
+      self.num_train = data.tfds_num_examples(self.builder, 'train')
+      self.num_eval = data.tfds_num_examples(self.builder, 'validation')
     except Exception as error:
       raise FileNotFoundError(_NOT_PREPARED.format(
           data_dir=self.builder.data_dir, error=error)) from error
@@ -69,15 +69,6 @@ class ImageNet:
     self.local_batch = data.local_batch_size(self.batch_size)
     self.seed = config.seed
     self.augment = config.augment != 'none'
-
-  def _num_examples(self, split: str) -> int:
-    splits = self.builder.info.splits
-    if split in splits:
-      return splits[split].num_examples
-    # Datasets without split metadata (tfds mock data): count them.
-    ds = self.builder.as_dataset(split=split)
-    count = int(ds.cardinality())
-    return count if count >= 0 else sum(1 for _ in ds)
 
   @property
   def image_shape(self):
@@ -158,7 +149,8 @@ class ImageNet:
       yield from tfds.as_numpy(ds)
       epoch, skip = epoch + 1, 0
 
-  def eval_batches(self):
+  def eval_batches(self, split: str | None = None):
+    check_choice('config.eval_split', split or 'validation', ('validation',))
     tf, tfds = self.tf, self.tfds
     shards = tfds.even_splits('validation', n=jax.process_count(),
                               drop_remainder=False)

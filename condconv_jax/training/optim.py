@@ -23,7 +23,10 @@ OPTIMIZERS = ('rmsprop', 'sgd', 'adam')
 # l2_loss(v) for every trainable v whose name lacks 'batch_normalization':
 # kernels, biases, routing); 'kernels' is the common rule for ResNets (the
 # Flax ImageNet example decays only params with ndim > 1).
-WEIGHT_DECAY_PARAMS = ('all_but_batchnorm', 'kernels')
+# 'kernels_but_depthwise' is the TF Object Detection API's SSD MobileNetV1
+# (slim's mobilenet_v1_arg_scope: regularize_depthwise=False; the extra
+# layers and box predictors regularize their kernels).
+WEIGHT_DECAY_PARAMS = ('all_but_batchnorm', 'kernels', 'kernels_but_depthwise')
 
 
 def peak_learning_rate(config) -> float:
@@ -36,9 +39,10 @@ def learning_rate_schedule(config, steps_per_epoch: float, total_steps: int):
   steps_per_epoch is a float (train examples / global batch), as in the TF
   code. 'exponential': peak * decay_rate ** floor(step / decay_steps) with
   decay_steps = lr_decay_epochs * steps_per_epoch, counted FROM STEP 0; the
-  linear warm-up peak * step / warmup_steps overrides the first
-  warmup_steps = int(warmup_epochs * steps_per_epoch) steps (it does not
-  delay the decay). 'cosine': warm-up, then a half cosine from the peak to 0
+  linear warm-up from warmup_start * peak (0 in the TF classification
+  recipes; the TF detection API's cosine_decay_with_warmup starts at its
+  warmup_learning_rate) to the peak overrides the first warmup_steps =
+  int(warmup_epochs * steps_per_epoch) steps (it does not delay the decay). 'cosine': warm-up, then a half cosine from the peak to 0
   over the steps after warm-up (Goyal et al. / the Flax ImageNet example,
   the ResNet recipe's). 'constant': the peak after warm-up.
   """
@@ -58,27 +62,33 @@ def learning_rate_schedule(config, steps_per_epoch: float, total_steps: int):
     else:
       lr = jnp.full_like(step, peak)
     if warmup > 0:
-      lr = jnp.where(step < warmup, peak * step / warmup, lr)
+      start = config.warmup_start * peak
+      lr = jnp.where(step < warmup, start + (peak - start) * step / warmup, lr)
     return lr
 
   return schedule
 
 
-def decay_mask(params, batch_stats, rule: str):
+def decay_mask(params, batch_stats, rule: str, depthwise=()):
   """{param path: bool}: which parameters weight decay reaches.
 
   BatchNorm layers are recognized by owning running statistics in
-  `batch_stats` (structure, not names), so the rule holds for any model.
+  `batch_stats` (structure, not names), so the rule holds for any model;
+  `depthwise` holds the '/'-joined paths of the depthwise convs
+  (`cost.count(...).layers` marks them).
   """
   check_choice('config.weight_decay_params', rule, WEIGHT_DECAY_PARAMS)
   batchnorm_modules = {path[:-1] for path in
                        traverse_util.flatten_dict(batch_stats)}
+  depthwise = set(depthwise)
   flat = traverse_util.flatten_dict(params)
-  if rule == 'kernels':
-    # CondConv's expert biases are 2-D, so the rule is by name, not by rank.
-    mask = {path: path[-1] == 'kernel' for path in flat}
-  else:
+  if rule == 'all_but_batchnorm':
     mask = {path: path[:-1] not in batchnorm_modules for path in flat}
+  else:
+    # CondConv's expert biases are 2-D, so the rule is by name, not by rank.
+    mask = {path: path[-1] == 'kernel' and not (
+        rule == 'kernels_but_depthwise' and '/'.join(path[:-1]) in depthwise)
+            for path in flat}
   return traverse_util.unflatten_dict(mask)
 
 

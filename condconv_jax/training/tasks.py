@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 
 class Classification:
@@ -62,3 +63,64 @@ class _SumEvaluator:
     return {'accuracy': self.totals['correct'] / count,
             'loss': self.totals['loss'] / count,
             'count': self.totals['count']}
+
+
+class Detection:
+  """SSD: the SSD loss against anchors, and COCO metrics (pycocotools) over
+  the post-processed detections of the whole evaluation split.
+
+  Batches carry ground truth padded to G boxes: 'boxes' [b, G, 4]
+  normalized, 'labels' [b, G] (the model's class columns, 1 ..
+  num_classes - 1), 'box_mask' [b, G]; evaluation batches also 'image_id',
+  'image_size' (pixels: COCO's area ranges are in pixels), 'gt_area' and
+  'gt_crowd'.
+  """
+
+  def __init__(self, anchors, loss, postprocess_kwargs=None):
+    self.anchors = jnp.asarray(anchors, jnp.float32)
+    self.ssd_loss = loss
+    self.postprocess_kwargs = dict(postprocess_kwargs or {})
+
+  def loss(self, outputs, batch):
+    return self.ssd_loss(outputs, self.anchors, batch['boxes'],
+                         batch['labels'], batch['box_mask'])
+
+  def detections(self, outputs):
+    from condconv_jax.detection import postprocess  # pylint: disable=g-import-not-at-top
+    return postprocess(outputs, self.anchors, **self.postprocess_kwargs)
+
+  def eval_outputs(self, outputs, batch):
+    """The detections and the ground truth of every image of the batch (a
+    few kB each), gathered to every process; the host keeps them."""
+    return {**self.detections(outputs),
+            'gt_boxes': batch['boxes'], 'gt_labels': batch['labels'],
+            'gt_mask': batch['box_mask'], 'gt_area': batch['gt_area'],
+            'gt_crowd': batch['gt_crowd'], 'mask': batch['mask'],
+            'image_id': batch['image_id'], 'image_size': batch['image_size']}
+
+  def evaluator(self):
+    return _CocoOnProcessZero()
+
+
+class _CocoOnProcessZero:
+  """pycocotools runs on process 0 over the detections of every process;
+  the numbers are then broadcast, so every process returns the same."""
+
+  def __init__(self):
+    from condconv_jax.training.coco_eval import CocoEvaluator  # pylint: disable=g-import-not-at-top
+    self.coco = CocoEvaluator() if jax.process_index() == 0 else None
+
+  def add(self, outputs):
+    if self.coco is not None:
+      self.coco.add(outputs)
+
+  def result(self) -> dict:
+    from condconv_jax.training.coco_eval import METRICS  # pylint: disable=g-import-not-at-top
+    names = (*METRICS, 'count')
+    values = np.zeros(len(names), np.float64)
+    if self.coco is not None:
+      result = self.coco.result()
+      values = np.array([result[name] for name in names], np.float64)
+    if jax.process_count() > 1:
+      values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    return {name: float(v) for name, v in zip(names, values)}

@@ -18,6 +18,7 @@ handles (local, gs://); on several processes it must be shared.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -107,7 +108,21 @@ def eval_step(variables, batch, *, model, task, normalize):
   return task.eval_outputs(outputs, batch)
 
 
-def make_task(config, dataset):
+def make_task(config, dataset, model):
+  """Detection for the detection datasets (SSD loss and COCO metrics; the
+  anchors of the model at the dataset's image size), else classification."""
+  if config.dataset in data.DETECTION_DATASETS:
+    from condconv_jax.detection import losses  # pylint: disable=g-import-not-at-top
+    presets = {'tf_coco': losses.TF_COCO_LOSS,
+               'tf_tpu_focal': losses.TF_TPU_FOCAL_LOSS}
+    loss = presets[check_choice('config.detection_loss',
+                                config.detection_loss, tuple(presets))]
+    try:
+      loss = dataclasses.replace(loss, **config.loss_kwargs.to_dict())
+    except TypeError as error:
+      raise ValueError(f'config.loss_kwargs: {error}; the fields are those of '
+                       f'condconv_jax.detection.SSDLoss.') from None
+    return tasks.Detection(model.anchors(dataset.image_shape[:2]), loss)
   return tasks.Classification(dataset.num_classes, config.label_smoothing)
 
 
@@ -119,7 +134,8 @@ class Trainer:
     self.dataset = dataset or data.make_dataset(config)
     self.num_classes = self.dataset.num_classes
     self.model = build_model(config, self.num_classes)
-    self.task = make_task(config, self.dataset)
+    self.task = make_task(config, self.dataset, self.model)
+    self.eval_split = config.eval_split or None  # None: the dataset's own
     self.normalize = self.dataset.normalization
     # Auto axes: XLA propagates the batch sharding through the model (any
     # Flax model works unchanged); Explicit axes would type every op.
@@ -137,11 +153,14 @@ class Trainer:
     # The TF recipes count epochs in fractional steps (examples / batch).
     self.schedule = optim.learning_rate_schedule(
         config, self.dataset.num_train / config.batch_size, self.total_steps)
+    self.cost = cost.count(self.model, self.image_shape())
     abstract = self.abstract_variables()
     self.tx = optim.make_optimizer(
         config, self.schedule,
         optim.decay_mask(abstract['params'], abstract.get('batch_stats', {}),
-                         config.weight_decay_params))
+                         config.weight_decay_params,
+                         [layer.path for layer in self.cost.layers
+                          if layer.depthwise]))
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx,
                           task=self.task, normalize=self.normalize,
@@ -204,10 +223,11 @@ class Trainer:
     """The variables evaluation uses: the EMA's when the run keeps one."""
     return state.eval_variables(self.config.ema_decay > 0)
 
-  def evaluate(self, variables) -> dict:
-    """The task's metrics over every example of the evaluation split."""
+  def evaluate(self, variables, split: str | None = None) -> dict:
+    """The task's metrics over every example of an evaluation split
+    (default: config.eval_split, else the dataset's evaluation split)."""
     evaluator = self.task.evaluator()
-    for batch in self.dataset.eval_batches():
+    for batch in self.dataset.eval_batches(split or self.eval_split):
       evaluator.add(jax.device_get(self.eval_step(variables,
                                                   self.to_global(batch))))
     return evaluator.result()
@@ -269,7 +289,7 @@ def train_and_evaluate(config, workdir, *, dataset=None,
     workdir.mkdir(parents=True, exist_ok=True)
   workdir_lib.check_shared(workdir)
   trainer = Trainer(config, dataset)
-  model_cost = cost.count(trainer.model, trainer.image_shape())
+  model_cost = trainer.cost
   mngr = checkpoint.manager(workdir, config)
   try:
     if mngr.latest_step() is not None:

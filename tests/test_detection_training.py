@@ -1,0 +1,81 @@
+"""The detector through the one training loop: a step and COCO metrics on
+mock COCO, exact resume, and the same COCO numbers on 1 and 2 processes."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from condconv_jax.training import trainer
+from configs.coco import common
+from tests import tiny
+from tests.test_coco_data import mock_coco  # noqa: F401  pylint: disable=unused-import
+from tests.test_training import _free_port, _finish, _start_processes
+
+
+def test_train_step_and_coco_evaluation_on_mock_coco(tmp_path, mock_coco):  # pylint: disable=redefined-outer-name
+  cfg = common.ssd_config(2, common.TF_COCO_RECIPE)
+  cfg.update(dict(width=0.25, image_size=64, batch_size=4, num_train_steps=2,
+                  log_every_steps=1, checkpoint_every_steps=2))
+  state, summary = trainer.train_and_evaluate(cfg, tmp_path)
+  assert int(state.step) == 2
+  assert summary['eval_count'] == 8  # every mock image once (2 batches)
+  for name in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'):
+    assert -1.0 <= summary[f'eval_{name}'] <= 1.0
+  logged = [json.loads(line) for line in
+            (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  train = [line for line in logged if line['split'] == 'train']
+  assert [line['step'] for line in train] == [1, 2]
+  assert all(np.isfinite(line['loss']) and line['positives_per_image'] >= 0
+             for line in train)
+  assert [line['split'] for line in logged].count('eval') == 1
+
+
+def _params(state):
+  return traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
+
+
+def test_detection_run_resumes_exactly(tmp_path):
+  cfg = tiny.detection_config(num_train_steps=4)
+  straight, _ = trainer.train_and_evaluate(cfg, tmp_path / 'straight')
+
+  def preempt_at_2(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  workdir = tmp_path / 'resumed'
+  first, summary = trainer.train_and_evaluate(cfg, workdir,
+                                              step_hooks=[preempt_at_2])
+  assert summary['preempted'] and int(first.step) == 2
+  resumed, summary = trainer.train_and_evaluate(cfg, workdir)
+  assert int(resumed.step) == 4
+  a, b = _params(straight), _params(resumed)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_two_processes_give_the_same_coco_numbers_as_one(tmp_path):
+  """The detections of both processes reach process 0's pycocotools run:
+  AP and the image count equal a single process's (the 10 validation
+  tiles, each once)."""
+  results = _finish(_start_processes([tmp_path / 'two'] * 2,
+                                     f'127.0.0.1:{_free_port()}', 2,
+                                     '--detection'))
+  summaries = []
+  for returncode, out, err in results:
+    assert returncode == 0, err[-3000:]
+    summaries.append(json.loads(out.strip().splitlines()[-1]))
+  results = _finish(_start_processes([tmp_path / 'one'], None, 2,
+                                     '--detection'))
+  returncode, out, err = results[0]
+  assert returncode == 0, err[-3000:]
+  single = json.loads(out.strip().splitlines()[-1])
+  assert summaries[0] == summaries[1]  # every process reports the same
+  assert single['eval_count'] == summaries[0]['eval_count'] == 10
+  for name in ('AP', 'AP50', 'AR100'):
+    assert summaries[0][f'eval_{name}'] == pytest.approx(
+        single[f'eval_{name}'], abs=1e-4), name
