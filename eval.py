@@ -88,6 +88,9 @@ def main(argv):
       by_class = routing_analysis.routing_by_class(run, variables)
       if jax.process_index() == 0:
         routing_analysis.plot(by_class, FLAGS.routing_png, title)
+      metrics['routing_class_specificity'] = {
+          layer: routing_analysis.class_specificity(weights)
+          for layer, weights in by_class.items()}
     metrics['routing_png'] = FLAGS.routing_png
   if FLAGS.detections_png:
     if not detection:

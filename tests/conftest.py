@@ -8,6 +8,16 @@ import uuid
 
 import pytest
 
+# The PyTorch peers and TensorFlow (data pipelines) share this process, and
+# importing torchvision 0.29 after TensorFlow 2.21 segfaults (in triton,
+# which torchvision's models load); the other order works. Test modules are
+# collected in name order, so the peers are loaded here, first.
+try:
+  import timm  # noqa: F401  pylint: disable=unused-import
+  import torchvision.models  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass
+
 from tests import gcs_emulator
 
 # Many tests (and the processes they start) compile the same tiny training

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condconv_jax.training import trainer
+from condconv_jax.training import optim, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -121,3 +121,51 @@ def test_fashion_mnist_config():
   assert (config.dataset, config.image_size, config.augment) == (
       'fashion_mnist', 28, 'shift_flip')
   trainer.build_model(config, num_classes=10)
+
+
+# PAPER.md, "COCO detector": ssd_mobilenet_v1_coco.config and the TPU
+# ssd_mobilenet_v1_300x300_coco14_sync.config, in TF's own units (steps at
+# a fixed batch, unscaled learning rates).
+COCO_TRAIN_IMAGES = 118_287  # TFDS coco/2017 train
+COCO = {
+    'ssd_mobilenet_v1': (0, 20.3, 'tf'),
+    'ssd_mobilenet_v1_cc8': (8, 22.4, 'tf'),
+    'ssd_mobilenet_v1_sync': (0, 20.3, 'sync'),
+    'ssd_mobilenet_v1_cc8_sync': (8, 22.4, 'sync'),
+}
+COCO_RECIPES = {
+    'tf': dict(batch_size=24, steps=200_000, optimizer='rmsprop',
+               momentum=0.9, rmsprop_decay=0.9, rmsprop_epsilon=1.0,
+               weight_decay=4e-5, weight_decay_params='kernels',
+               detection_loss='tf_coco', ema_decay=0.0,
+               lr={0: 0.004, 199_999: 0.004}),  # x0.95 at 800,720: never
+    'sync': dict(batch_size=1024, steps=20_000, optimizer='sgd',
+                 momentum=0.9, weight_decay=4e-5, weight_decay_params='kernels',
+                 detection_loss='tf_tpu_focal', ema_decay=0.0,
+                 bn_momentum=0.97,
+                 lr={0: 0.3, 500: 0.6, 1_000: 0.9, 10_500: 0.45, 20_000: 0.0}),
+}
+
+
+@pytest.mark.parametrize('name', sorted(COCO))
+def test_coco_config_is_the_tf_recipe(name):
+  module = importlib.import_module(f'configs.coco.{name}')
+  experts, paper_map, recipe = COCO[name]
+  assert f'python train.py --config configs/coco/{name}.py' in module.__doc__
+  assert f'{paper_map}' in module.__doc__ and 'val2017' in module.__doc__
+  config = module.get_config()
+  assert (config.model, config.num_experts, config.dataset,
+          config.image_size, config.augment) == (
+              'ssd_mobilenet_v1', experts, 'coco', 300, 'ssd')
+  want = dict(COCO_RECIPES[recipe])
+  steps, lr = want.pop('steps'), want.pop('lr')
+  for key, value in want.items():
+    assert config[key] == value, (key, config[key], value)
+  assert trainer.train_steps(config, COCO_TRAIN_IMAGES) == steps
+  schedule = optim.learning_rate_schedule(
+      config, COCO_TRAIN_IMAGES / config.batch_size, steps)
+  for step, value in lr.items():
+    assert float(schedule(step)) == pytest.approx(value, abs=1e-6), step
+  if recipe == 'sync':
+    assert config.model_kwargs.class_bias_init == -4.6
+    assert config.model_kwargs.predictor_init_stddev == 0.01

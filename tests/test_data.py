@@ -123,7 +123,8 @@ def test_eval_batches_pad_and_mask():
 
 
 @pytest.mark.parametrize('field,value,valid', [
-    ('dataset', 'imagenet', "'fashion_mnist', 'imagenet2012'"),
+    ('dataset', 'imagenet',
+     "'fashion_mnist', 'imagenet2012', 'coco', 'deepforest'"),
     ('augment', 'inception', "'shift_flip', 'none'"),
 ])
 def test_unknown_string_options_name_the_valid_ones(field, value, valid):

@@ -18,7 +18,9 @@ from tests.test_training import _free_port, _finish, _start_processes
 
 
 def test_train_step_and_coco_evaluation_on_mock_coco(tmp_path, mock_coco):  # pylint: disable=redefined-outer-name
-  cfg = common.ssd_config(2, common.TF_COCO_RECIPE)
+  # Static: compiling the CondConv detector costs half a minute here;
+  # tests/test_detection_model.py trains its step.
+  cfg = common.ssd_config(0, common.TF_COCO_RECIPE)
   cfg.update(dict(width=0.25, image_size=64, batch_size=4, num_train_steps=2,
                   log_every_steps=1, checkpoint_every_steps=2))
   state, summary = trainer.train_and_evaluate(cfg, tmp_path)
@@ -51,6 +53,12 @@ def test_detection_run_resumes_exactly(tmp_path):
   first, summary = trainer.train_and_evaluate(cfg, workdir,
                                               step_hooks=[preempt_at_2])
   assert summary['preempted'] and int(first.step) == 2
+  # eval.py rebuilds the run from config.json, free-form dicts included.
+  # (JSON keeps tuples as lists.)
+  saved = trainer.load_config(workdir)
+  for field in ('loss_kwargs', 'model_kwargs'):
+    want = json.loads(json.dumps(cfg[field].to_dict()))
+    assert saved[field].to_dict() == want != {}, field
   resumed, summary = trainer.train_and_evaluate(cfg, workdir)
   assert int(resumed.step) == 4
   a, b = _params(straight), _params(resumed)

@@ -124,8 +124,9 @@ def test_forward_train_and_eval(name, num_experts):
 
 
 def test_condconv_placement_follows_the_paper():
-  params = get_model('efficientnet_b0', num_experts=4).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  # Shapes only: eval_shape traces the init without running it.
+  params = jax.eval_shape(get_model('efficientnet_b0', num_experts=4).init,
+                          jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   # Stages 5-7 (blocks_4_* .. blocks_6_*) are CondConv with a shared routing
   # function; stage 4 and the head are static.
   assert params['blocks_4_0']['conv_pw']['kernel'].shape == (4, 1, 1, 80, 480)
@@ -133,8 +134,8 @@ def test_condconv_placement_follows_the_paper():
   assert 'routing' not in params['blocks_4_0']['conv_dw']
   assert params['blocks_3_2']['conv_pw']['kernel'].ndim == 4
   assert params['conv_head']['kernel'].ndim == 4
-  v1 = get_model('mobilenet_v1', num_experts=8).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  v1 = jax.eval_shape(get_model('mobilenet_v1', num_experts=8).init,
+                      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   assert v1['sep6_pw']['kernel'].ndim == 4
   assert v1['sep7_pw']['kernel'].shape[0] == 8
   assert v1['classifier']['fc']['kernel'].shape == (8, 1, 1, 1024, 1000)

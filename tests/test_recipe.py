@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from condconv_jax import cost
 from condconv_jax.models import get_model
 from condconv_jax.training import optim, trainer
 from configs import base
@@ -170,6 +171,26 @@ def test_weight_decay_mask_contents():
     optim.decay_mask(params, variables['batch_stats'], 'everything')
 
 
+def test_kernels_but_depthwise_leaves_out_every_depthwise_kernel():
+  model = get_model('efficientnet_b0', num_experts=4)
+  variables = jax.eval_shape(model.init, jax.random.key(0),
+                             np.zeros((1, 32, 32, 3), np.float32))
+  # Depthwise by shape alone: one input channel per group and a k x k
+  # window (HWIO [k, k, 1, C], CondConv experts [E, k, k, 1, C]); the 16
+  # MBConv blocks have one each.
+  kernels = {path: v for path, v in traverse_util.flatten_dict(
+      variables['params']).items() if path[-1] == 'kernel'}
+  depthwise = [v.size for v in kernels.values()
+               if v.ndim >= 4 and v.shape[-2] == 1 and v.shape[-3] > 1]
+  assert len(depthwise) == 16
+  layers = cost.count(model, (1, 32, 32, 3)).layers
+  mask = traverse_util.flatten_dict(optim.decay_mask(
+      variables['params'], variables['batch_stats'], 'kernels_but_depthwise',
+      [layer.path for layer in layers if layer.depthwise]))
+  decayed = sum(kernels[p].size for p, on in mask.items() if on)
+  assert decayed == sum(v.size for v in kernels.values()) - sum(depthwise)
+
+
 @pytest.fixture(scope='module')
 def three_steps():
   """A tiny run's first 3 steps (EMA decay 0.5: the warm-up term binds
@@ -228,7 +249,8 @@ def test_training_loss_is_label_smoothed_cross_entropy(three_steps):
     ('optimizer', 'adamw', "'rmsprop', 'sgd', 'adam'"),
     ('lr_schedule', 'step', "'exponential', 'cosine', 'constant'"),
     ('dtype', 'float16', "'float32', 'bfloat16'"),
-    ('weight_decay_params', 'all', "'all_but_batchnorm', 'kernels'"),
+    ('weight_decay_params', 'all',
+     "'all_but_batchnorm', 'kernels', 'kernels_but_depthwise'"),
     ('activation', 'gelu', "'relu', 'relu6', 'swish', 'silu'"),
     ('padding', 'same', "'SAME', 'symmetric'"),
     ('strategy', 'fast', "'auto', 'vmap', 'experts', 'direct', 'loop'"),

@@ -272,29 +272,12 @@ class Coco:
     return batch
 
   def train_batches(self, start_step: int = 0):
-    tf, tfds = self.tf, self.tfds
-    steps = self.steps_per_epoch
-    epoch, skip = divmod(start_step, steps)
-    split = tfds.split_for_jax_process('train', drop_remainder=True)
-    while True:
-      read = tfds.ReadConfig(shuffle_seed=self.seed + epoch)
-      ds = self._records(split, shuffle_files=True, read_config=read)
-      ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.seed + epoch)
-      # Skipped records are still JPEG bytes here: nothing is decoded.
-      ds = ds.take(steps * self.local_batch).skip(skip * self.local_batch)
-      ds = ds.enumerate(skip * self.local_batch)
-
-      def preprocess(index, example, epoch=epoch):
-        seed = tf.stack([tf.cast(self.seed, tf.int64) * 100003 + epoch,
-                         index])
-        return self._train_example(seed, example)
-
-      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-      ds = ds.batch(self.local_batch, drop_remainder=True)
-      ds = ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
-      for batch in tfds.as_numpy(ds):
-        yield self._checked(batch)
-      epoch, skip = epoch + 1, 0
+    batches = data.tfds_train_batches(
+        self._records, self._train_example, tf=self.tf, tfds=self.tfds,
+        seed=self.seed, steps_per_epoch=self.steps_per_epoch,
+        local_batch=self.local_batch, shuffle_buffer=SHUFFLE_BUFFER,
+        start_step=start_step)
+    return map(self._checked, batches)
 
   def eval_batches(self, split: str | None = None):
     """Every image of `split` (default config.eval_split or 'validation')

@@ -95,6 +95,45 @@ def tfds_num_examples(builder, split: str) -> int:
   return count if count >= 0 else sum(1 for _ in ds)
 
 
+def tfds_train_batches(records, preprocess, *, tf, tfds, seed: int,
+                       steps_per_epoch: int, local_batch: int,
+                       shuffle_buffer: int, start_step: int = 0):
+  """Endless NumPy training batches of this process's shard of a TFDS
+  'train' split, epoch after epoch, from step `start_step`.
+
+  records(split, **as_dataset_kwargs) -> the undecoded records (JPEGs stay
+  bytes); preprocess(seed, example) -> features, with `seed` a stateless
+  seed pair that depends on (config seed, epoch, the example's index over
+  all hosts) only, so a resumed run sees the same examples and draws.
+  """
+  epoch, skip = divmod(start_step, steps_per_epoch)
+  split = tfds.split_for_jax_process('train', drop_remainder=True)
+  # Every host draws its own crops and flips: the example's index over all
+  # hosts (this host's index interleaved with the others').
+  hosts, host = jax.process_count(), jax.process_index()
+  options = tf.data.Options()
+  options.deterministic = True
+  while True:
+    read = tfds.ReadConfig(shuffle_seed=seed + epoch)
+    # This process's shard holds at least steps * local_batch records.
+    ds = records(split, shuffle_files=True, read_config=read)
+    ds = ds.shuffle(shuffle_buffer, seed=seed + epoch)
+    # Skipped records are still JPEG bytes here: nothing is decoded.
+    ds = ds.take(steps_per_epoch * local_batch).skip(skip * local_batch)
+    ds = ds.enumerate(skip * local_batch)
+
+    def seeded(index, example, epoch=epoch):
+      pair = tf.stack([tf.cast(seed, tf.int64) * 100003 + epoch,
+                       index * hosts + host])
+      return preprocess(pair, example)
+
+    ds = ds.map(seeded, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    yield from tfds.as_numpy(ds)
+    epoch, skip = epoch + 1, 0
+
+
 def local_batch_size(batch_size: int) -> int:
   """This process's share of the global batch."""
   if batch_size % jax.process_count():

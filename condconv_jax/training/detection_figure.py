@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from condconv_jax.training import routing_analysis
 
@@ -24,7 +25,12 @@ def first_images(trainer, variables, count: int, split: str | None = None):
       found.append({'image': batch['image'][i],
                     **{k: outputs[k][i] for k in ('boxes', 'scores', 'count',
                                                   'gt_boxes', 'gt_mask')}})
-    if len(found) == count:
+    # eval_step is collective: every process stops after the same batch,
+    # the one where process 0 (which draws) has its images.
+    done = np.asarray(len(found) == count)
+    if jax.process_count() > 1:
+      done = multihost_utils.broadcast_one_to_all(done)
+    if done:
       break
   return found
 

@@ -123,31 +123,16 @@ class ImageNet:
     return options
 
   def train_batches(self, start_step: int = 0):
-    tf, tfds = self.tf, self.tfds
-    steps = self.steps_per_epoch
-    epoch, skip = divmod(start_step, steps)
-    split = tfds.split_for_jax_process('train', drop_remainder=True)
-    while True:
-      read = tfds.ReadConfig(shuffle_seed=self.seed + epoch)
-      # This process's shard holds at least steps * local_batch records.
-      ds = self._records(split, shuffle_files=True, read_config=read)
-      ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.seed + epoch)
-      # Skipped records are still JPEG bytes here: nothing is decoded.
-      ds = ds.take(steps * self.local_batch).skip(skip * self.local_batch)
-      ds = ds.enumerate(skip * self.local_batch)
+    def preprocess(seed, example):
+      image = (self._random_crop(seed, example['image']) if self.augment
+               else self._center_crop(example['image']))
+      return {'image': image,
+              'label': self.tf.cast(example['label'], self.tf.int32)}
 
-      def preprocess(index, example, epoch=epoch):
-        seed = tf.stack([tf.cast(self.seed, tf.int64) * 100003 + epoch,
-                         index])
-        image = (self._random_crop(seed, example['image']) if self.augment
-                 else self._center_crop(example['image']))
-        return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
-
-      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-      ds = ds.batch(self.local_batch, drop_remainder=True)
-      ds = ds.prefetch(tf.data.AUTOTUNE).with_options(self._options())
-      yield from tfds.as_numpy(ds)
-      epoch, skip = epoch + 1, 0
+    return data.tfds_train_batches(
+        self._records, preprocess, tf=self.tf, tfds=self.tfds, seed=self.seed,
+        steps_per_epoch=self.steps_per_epoch, local_batch=self.local_batch,
+        shuffle_buffer=SHUFFLE_BUFFER, start_step=start_step)
 
   def eval_batches(self, split: str | None = None):
     check_choice('config.eval_split', split or 'validation', ('validation',))

@@ -23,9 +23,9 @@ OPTIMIZERS = ('rmsprop', 'sgd', 'adam')
 # l2_loss(v) for every trainable v whose name lacks 'batch_normalization':
 # kernels, biases, routing); 'kernels' is the common rule for ResNets (the
 # Flax ImageNet example decays only params with ndim > 1).
-# 'kernels_but_depthwise' is the TF Object Detection API's SSD MobileNetV1
-# (slim's mobilenet_v1_arg_scope: regularize_depthwise=False; the extra
-# layers and box predictors regularize their kernels).
+# 'kernels_but_depthwise' is TF-slim's MobileNetV1 default
+# (mobilenet_v1_arg_scope(regularize_depthwise=False)); the TF Object
+# Detection API's SSD turns it on there, so its recipes use 'kernels'.
 WEIGHT_DECAY_PARAMS = ('all_but_batchnorm', 'kernels', 'kernels_but_depthwise')
 
 

@@ -126,6 +126,19 @@ def make_task(config, dataset, model):
   return tasks.Classification(dataset.num_classes, config.label_smoothing)
 
 
+def train_steps(config, num_train: int) -> int:
+  """The run's length: config.num_train_steps, or its epochs in steps.
+
+  The TF recipes count epochs in fractional steps (examples / batch) and
+  the run as int(epochs * examples / batch) (EfficientNet's train_steps);
+  rounding first keeps a recipe given in steps (COCO's 200k) from losing
+  one to float error.
+  """
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(round(config.num_epochs * num_train / config.batch_size, 6))
+
+
 class Trainer:
   """Holds what a run needs: mesh, model, dataset, task, jitted steps."""
 
@@ -148,9 +161,7 @@ class Trainer:
                        f'divisible by the number of devices '
                        f'({jax.device_count()}).')
     self.steps_per_epoch = self.dataset.steps_per_epoch
-    self.total_steps = (config.num_train_steps if config.num_train_steps > 0
-                        else int(config.num_epochs * self.steps_per_epoch))
-    # The TF recipes count epochs in fractional steps (examples / batch).
+    self.total_steps = train_steps(config, self.dataset.num_train)
     self.schedule = optim.learning_rate_schedule(
         config, self.dataset.num_train / config.batch_size, self.total_steps)
     self.cost = cost.count(self.model, self.image_shape())
@@ -376,8 +387,9 @@ def load_config(directory):
                             f'--workdir at a training workdir.')
   saved = json.loads(path.read_text())
   config = base.get_base_config()
-  with config.unlocked():
+  with config.unlocked():  # free-form dicts: their keys are not in base
     config.model_kwargs = saved.pop('model_kwargs', {})
+    config.loss_kwargs = saved.pop('loss_kwargs', {})
   saved['compare_num_experts'] = tuple(saved.get('compare_num_experts', ()))
   config.update(saved)
   return config

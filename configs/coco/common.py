@@ -25,15 +25,16 @@ def _epochs(steps: float, batch: int) -> float:
 
 # ssd_mobilenet_v1_coco.config: batch 24, 200k steps, RMSProp 0.004
 # (momentum 0.9, decay 0.9, epsilon 1.0), x0.95 every 800,720 steps (never
-# reached in 200k: the config says so), L2 4e-5 on kernels but not on the
-# backbone's depthwise ones (slim mobilenet_v1_arg_scope), BN decay 0.9997
+# reached in 200k: the config says so), L2 4e-5 on every kernel (the
+# feature extractor calls mobilenet_v1_arg_scope with
+# regularize_depthwise=True), BN decay 0.9997
 # (the model's default), no EMA, sigmoid loss with 3:1 hard negative mining.
 TF_COCO_RECIPE = dict(
     batch_size=24, num_epochs=_epochs(200_000, 24), warmup_epochs=0.0,
     optimizer='rmsprop', learning_rate=0.004 * 256 / 24, momentum=0.9,
     rmsprop_decay=0.9, rmsprop_epsilon=1.0, lr_schedule='exponential',
     lr_decay_rate=0.95, lr_decay_epochs=_epochs(800_720, 24),
-    weight_decay=4e-5, weight_decay_params='kernels_but_depthwise',
+    weight_decay=4e-5, weight_decay_params='kernels',
     label_smoothing=0.0, ema_decay=0.0, detection_loss='tf_coco',
     dtype='float32')
 
