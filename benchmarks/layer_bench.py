@@ -4,7 +4,7 @@
     python benchmarks/layer_bench.py --cases pw512 --batches 8 --strategies direct
 
 For each layer shape and batch it times, forward and forward+backward, the
-fastest static conv of the same shape (lax.conv, and for 1x1 an einsum, for
+fastest static conv of the same shape (lax.conv, and for 1x1 one matmul, for
 depthwise the shifted multiply-add form) and the full CondConv layer (routing
 + conditional conv) with each strategy, and prints time / static time. The MAC
 column is the arithmetic floor: (conv + kernel mixing + routing) / conv.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import time
 
 import jax
@@ -24,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import condconv_jax
-from condconv_jax import ops
+import model_bench
+from condconv_jax import cpu_setup, ops
 from condconv_jax.geometry import conv_geometry
 
 NUM_EXPERTS = 8
@@ -75,7 +75,7 @@ def static_variants(case: Case, geom):
   """name -> f(x, kernel) for every exact static form of this conv."""
   variants = {'lax.conv': lambda x, k: ops.static_conv(x, k, geom)}
   if case.kernel == 1 and case.groups == 1:
-    variants['einsum'] = lambda x, k: jnp.einsum('bhwc,co->bhwo', x, k[0, 0])
+    variants['matmul'] = lambda x, k: ops.pointwise_matmul_conv(x, k, geom)
   if case.groups > 1:
     variants['shifted'] = (
         lambda x, k: ops.shifted_depthwise_conv(x, k[None], geom))
@@ -160,7 +160,8 @@ def known_pathological(case: Case, batch: int, mode: str, strategy: str):
 
 def format_row(row, strategies):
   cells = [f"{row['case']:<22}", f"{row['batch']:>4}", f"{row['mode']:<8}",
-           f"{row['static']:<20}", f"{row['MACs']:>5.2f}"]
+           f"{row['static']:<20}", f"{row['static/lax.conv']:>7.2f}",
+           f"{row['MACs']:>5.2f}"]
   for s in strategies:
     v = row[s]
     cells.append(f'{v:>9.2f}' if isinstance(v, float) else f'{v:>9}')
@@ -184,16 +185,17 @@ def main():
   parser.add_argument('--run-pathological', action='store_true',
                       help='also run the CPU cells known to take minutes or OOM')
   args = parser.parse_args()
+  cpu_setup.use_tcmalloc()  # re-executes once with tcmalloc preloaded
   batches = args.batches or (
       [1, 8, 64] if jax.default_backend() == 'cpu' else [1, 8, 64, 256])
   skip = (lambda *a: None) if args.run_pathological else known_pathological
-  print(f'# {platform.processor() or platform.machine()}, '
-        f'{jax.device_count()} x {jax.devices()[0].device_kind}, '
-        f'jax {jax.__version__}, E={NUM_EXPERTS}, float32')
+  print(f'# {model_bench.machine()}, {jax.device_count()} x '
+        f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
+        f'E={NUM_EXPERTS}, float32, {cpu_setup.allocator()}')
   print('# cells: layer time / fastest static conv time (same process); '
-        'MACs: arithmetic floor')
+        '/lax: that static time / lax.conv\'s; MACs: arithmetic floor')
   header = ['case'.ljust(22), 'B'.rjust(4), 'mode'.ljust(8),
-            'static (fastest)'.ljust(20), 'MACs'.rjust(5)]
+            'static (fastest)'.ljust(20), '/lax'.rjust(7), 'MACs'.rjust(5)]
   header += [s.rjust(9) for s in args.strategies]
   if 'auto' in args.strategies:
     header.append('auto ->'.rjust(8))

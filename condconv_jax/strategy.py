@@ -1,23 +1,24 @@
 """How "auto" picks a CondConv strategy, and why.
 
-The rule comes from `benchmarks/layer_bench.py` on a 2-core x86-64 CPU (JAX
-0.10.2, float32, E=8; table and command in the README). Layer time over the
-fastest static conv of the same shape, forward and forward+backward:
+The rule comes from `benchmarks/layer_bench.py` on two 2-core x86-64 VMs
+with AVX-512, an Intel Xeon and an AMD EPYC (Zen 4) (JAX 0.10.2, float32,
+E=8; the AMD table and command are in the README). Layer time over the
+fastest static conv of the same shape, forward and forward+backward, on the
+AMD VM:
 
 - 1x1 convs: "direct" (the batched matmul 'bhwc,bco->bhwo') at every batch:
-  1.35-2.6x for 14x14x512, 2.4-8.8x for 7x7x1024, where reading the E
+  1.2-2.0x for 14x14x512, 1.9-4.6x for 7x7x1024, where reading the E
   experts and writing their gradient is the floor. "vmap" (a grouped conv)
-  takes 2.4-84x: XLA:CPU's conv backward is slower than a dot, and its
+  takes up to 83x: XLA:CPU's conv backward is slower than a dot, and its
   grouped kernel gradient grows like B^2.
-- depthwise convs: "direct" (k*k shifted multiply-adds, 1.1-1.4x). XLA:CPU's
-  depthwise conv is 26-40x slower, and "vmap"'s backward at batch 64 asks for
+- depthwise convs: "direct" (k*k shifted multiply-adds, 0.8-1.7x). XLA:CPU's
+  depthwise conv is 30-50x slower, and "vmap"'s backward at batch 64 asks for
   tens of GB.
-- k x k convs: at batch 1 "vmap" is exactly one ordinary conv with the mixed
-  kernel (1.2-1.4x). From batch 2 on, on CPU, "loop" (one ordinary conv per
-  example, backward in the tap-matmul form) is 0.8-1.45x; "direct" matches
-  it in the backward but is up to 2x in the forward, and "vmap"'s backward
-  degrades like B^2.
-- "experts" does E convolutions' worth of work (8.5-50x here) and never wins
+- k x k convs: on CPU "loop" (one ordinary conv per example, backward as one
+  im2col matmul) is 0.6-1.4x at every batch; at batch 1 "vmap" (exactly one
+  ordinary conv with the mixed kernel) is within noise of it on both CPUs,
+  and from batch 8 on "vmap"'s backward degrades like B^2.
+- "experts" does E convolutions' worth of work (8-123x here) and never wins
   for E > 1; it is there for runtimes that accept only constant weights.
 
 Accelerators have not been measured in this project yet. Off CPU the rule
@@ -38,11 +39,27 @@ def choose(geom: ConvGeometry, batch: int, num_experts: int,
   del num_experts  # Measured at E=8; no E-dependent switch was found.
   if geom.is_pointwise or geom.is_depthwise:
     return 'direct'
-  if batch == 1:
-    return 'vmap'
-  return 'loop' if backend == 'cpu' else 'direct'
+  if backend == 'cpu':
+    return 'loop'
+  return 'vmap' if batch == 1 else 'direct'
 
 
 def depthwise_implementation(backend: str) -> str:
   """'shifted' where XLA's depthwise conv is slow (CPU), else 'xla'."""
   return 'shifted' if backend == 'cpu' else 'xla'
+
+
+def static_form(geom: ConvGeometry, backend: str) -> str:
+  """How `ops.conv_general_dilated` computes a static conv on this backend.
+
+  'matmul' (1x1, one group, no input dilation), 'shifted' (depthwise) or
+  'xla' (lax.conv). Off CPU everything stays 'xla': the other forms were
+  written for XLA:CPU's slow conv backward and have not been measured there.
+  """
+  if backend != 'cpu' or geom.input_dilation != (1, 1):
+    return 'xla'
+  if geom.is_pointwise and geom.feature_group_count == 1:
+    return 'matmul'
+  if geom.is_depthwise:
+    return 'shifted'
+  return 'xla'

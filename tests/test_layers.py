@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import condconv_jax
-from condconv_jax import CondConv, DepthwiseConv, Routing
+from condconv_jax import CondConv, DepthwiseConv, Routing, ops
 from tests import reference
 
 X = jax.random.normal(jax.random.key(0), (3, 9, 8, 6))
@@ -25,7 +25,9 @@ X = jax.random.normal(jax.random.key(0), (3, 9, 8, 6))
 @pytest.mark.parametrize('strategy', ['vmap', 'experts', 'direct', 'loop',
                                       'auto'])
 def test_one_expert_with_weight_one_equals_nn_conv(conv_kwargs, strategy):
-  static = nn.Conv(12, **conv_kwargs)
+  # The models' static conv: nn.Conv computed in the backend's fast forms.
+  static = nn.Conv(12, conv_general_dilated=ops.conv_general_dilated,
+                   **conv_kwargs)
   static_vars = static.init(jax.random.key(1), X)
   cond = CondConv(12, num_experts=1, strategy=strategy, **conv_kwargs)
   params = {'kernel': static_vars['params']['kernel'][None]}
@@ -35,7 +37,8 @@ def test_one_expert_with_weight_one_equals_nn_conv(conv_kwargs, strategy):
   got = cond.apply({'params': params}, X, ones)
   want = static.apply(static_vars, X)
   if strategy == 'experts':
-    # The same XLA conv on the same kernel (r * W = W for r = 1): bit-equal.
+    # The same static conv on the same kernel (r * W = W for r = 1):
+    # bit-equal.
     np.testing.assert_array_equal(got, want)
   else:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -132,10 +135,12 @@ def test_jit_grad_vmap_remat_agree(strategy):
       layer, params, X)
   remat_layer = nn.remat(CondConv)(7, (3, 3), num_experts=3, strategy=strategy)
   remat_grad = jax.grad(_loss, argnums=1)(remat_layer, params, X)
-  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(jit_grad)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(remat_grad)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Compiled as one program, XLA may sum a matmul in another order than op by
+  # op: float32 rounding, so the bound is relative to each gradient's scale.
+  for other in (jit_grad, remat_grad):
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(other)):
+      np.testing.assert_allclose(a, b, rtol=1e-5,
+                                 atol=1e-6 * np.max(np.abs(b)))
   # vmap over an extra leading axis == applying to each slice.
   stacked = jnp.stack([X, 2 * X])
   mapped = jax.vmap(lambda x: layer.apply({'params': params}, x))(stacked)

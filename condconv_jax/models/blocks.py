@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from condconv_jax import ops
 from condconv_jax.choices import check_choice
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
 from condconv_jax.strategy import STRATEGIES
@@ -109,7 +110,10 @@ class ConvFactory:
                       **common)
     if depthwise:
       return DepthwiseConv(**common)
-    return nn.Conv(feature_group_count=groups, **common)
+    # nn.Conv's module and parameters, computed in the fastest form for the
+    # backend (on CPU a 1x1 conv is a matmul: see ops.conv_general_dilated).
+    return nn.Conv(feature_group_count=groups,
+                   conv_general_dilated=ops.conv_general_dilated, **common)
 
 
 @dataclasses.dataclass(frozen=True)
