@@ -20,7 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from condconv_jax import cpu_setup
-from condconv_jax.training import checkpoint, distributed, trainer
+from condconv_jax.training import (checkpoint, detection_figure, distributed,
+                                   trainer)
 from condconv_jax.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,19 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, logs and the config.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def write_detections_png(config, run_dir):
+  """run_dir/detections.png: the first evaluation images with ground truth
+  and detections (what eval.py --detections_png draws)."""
+  run, variables = trainer.restore_for_eval(config, run_dir)
+  examples = detection_figure.first_images(run, variables, count=4)
+  path = run_dir / 'detections.png'
+  if jax.process_index() == 0:
+    detection_figure.plot(examples, path, title=(
+        f'{config.model}, {config.num_experts} experts, {config.dataset} '
+        f'{config.eval_split}'))
+    print(f'detections: {path}')
 
 
 def compare(config, workdir):
@@ -42,6 +56,8 @@ def compare(config, workdir):
                                             workdir / f'experts_{num_experts}')
     if summary['preempted']:
       return  # rerun the same command: finished runs are not repeated
+    if 'eval_AP' in summary:  # a detector: a picture of it at work
+      write_detections_png(run, workdir / f'experts_{num_experts}')
     rows.append((num_experts, summary))
   if jax.process_index() == 0:
     metrics = (('AP', 'AP50') if 'eval_AP' in rows[0][1] else ('accuracy',))

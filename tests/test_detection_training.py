@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condconv_jax.training import trainer
+from condconv_jax.training import detection_figure, trainer
 from configs.coco import common
 from tests import tiny
 from tests.test_coco_data import mock_coco  # noqa: F401  pylint: disable=unused-import
@@ -87,3 +87,21 @@ def test_two_processes_give_the_same_coco_numbers_as_one(tmp_path):
   for name in ('AP', 'AP50', 'AR100'):
     assert summaries[0][f'eval_{name}'] == pytest.approx(
         single[f'eval_{name}'], abs=1e-4), name
+
+
+def test_detections_picture_shows_the_evaluation_images(tmp_path):
+  cfg = tiny.detection_config(num_train_steps=2)
+  trainer.train_and_evaluate(cfg, tmp_path)
+  run, variables = trainer.restore_for_eval(cfg, tmp_path)
+  examples = detection_figure.first_images(run, variables, count=3)
+  first = next(iter(run.dataset.eval_batches(cfg.eval_split)))
+  assert len(examples) == 3
+  for i, example in enumerate(examples):
+    np.testing.assert_array_equal(example['image'], first['image'][i])
+    np.testing.assert_allclose(example['gt_boxes'][example['gt_mask']],
+                               first['boxes'][i][first['box_mask'][i]])
+    scores = example['scores'][:int(example['count'])]
+    assert np.all((scores >= 0) & (scores <= 1))
+  path = tmp_path / 'detections.png'
+  detection_figure.plot(examples, path)
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
