@@ -99,7 +99,7 @@ COCO_NAMES = (
     'teddy bear', 'hair drier', 'toothbrush')
 
 
-class Coco:
+class Coco(data.SquareImages):
   """coco/2017 from TFDS, sharded by process.
 
   train_batches(start_step) yields, per process, b = batch_size / processes:
@@ -141,23 +141,10 @@ class Coco:
     self.local_batch = data.local_batch_size(self.batch_size)
     self.seed = config.seed
 
-  @property
-  def image_shape(self):
-    return (self.image_size, self.image_size, 3)
-
-  @property
-  def steps_per_epoch(self):
-    return max(1, self.num_train // self.batch_size)
-
   def _records(self, split, **kwargs):
     return self.builder.as_dataset(
         split=split, decoders={'image': self.tfds.decode.SkipDecoding()},
         **kwargs)
-
-  def _options(self):
-    options = self.tf.data.Options()
-    options.deterministic = True
-    return options
 
   def _resize_uint8(self, image):
     tf = self.tf
@@ -294,8 +281,9 @@ class Coco:
     ds = self._records(shards[jax.process_index()], shuffle_files=False)
     ds = ds.map(self._eval_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(self.local_batch).prefetch(tf.data.AUTOTUNE)
+    ds = ds.with_options(data.deterministic_options(tf))
     count = 0
-    for batch in tfds.as_numpy(ds.with_options(self._options())):
+    for batch in tfds.as_numpy(ds):
       count += 1
       yield self._checked(data.pad_batch(batch, self.local_batch))
     g, s = MAX_BOXES, self.image_size

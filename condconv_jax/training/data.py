@@ -95,6 +95,31 @@ def tfds_num_examples(builder, split: str) -> int:
   return count if count >= 0 else sum(1 for _ in ds)
 
 
+class SquareImages:
+  """image_shape and steps_per_epoch of a dataset of image_size x
+  image_size RGB examples whose epoch is num_train // batch_size steps
+  (ImageNet, COCO, the tree crowns)."""
+
+  image_size: int
+  num_train: int
+  batch_size: int
+
+  @property
+  def image_shape(self):
+    return (self.image_size, self.image_size, 3)
+
+  @property
+  def steps_per_epoch(self):
+    return max(1, self.num_train // self.batch_size)
+
+
+def deterministic_options(tf):
+  """tf.data options that keep the order fixed (exact resume)."""
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
 def tfds_train_batches(records, preprocess, *, tf, tfds, seed: int,
                        steps_per_epoch: int, local_batch: int,
                        shuffle_buffer: int, start_step: int = 0):
@@ -111,8 +136,7 @@ def tfds_train_batches(records, preprocess, *, tf, tfds, seed: int,
   # Every host draws its own crops and flips: the example's index over all
   # hosts (this host's index interleaved with the others').
   hosts, host = jax.process_count(), jax.process_index()
-  options = tf.data.Options()
-  options.deterministic = True
+  options = deterministic_options(tf)
   while True:
     read = tfds.ReadConfig(shuffle_seed=seed + epoch)
     # This process's shard holds at least steps * local_batch records.

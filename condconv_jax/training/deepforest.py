@@ -190,7 +190,7 @@ def dihedral(image, boxes, hflip: bool, vflip: bool, rot90: bool):
           np.stack([ymin, xmin, ymax, xmax], axis=1).reshape(-1, 4))
 
 
-class TreeCrowns:
+class TreeCrowns(data.SquareImages):
   """The deepforest tree-crown images as a detection dataset (see the
   module docstring for splits and batch layout)."""
 
@@ -232,14 +232,6 @@ class TreeCrowns:
       windows += [(name, first + top, left)
                   for top, left in grid(end - first, width)]
     return windows
-
-  @property
-  def image_shape(self):
-    return (self.image_size, self.image_size, 3)
-
-  @property
-  def steps_per_epoch(self):
-    return max(1, self.num_train // self.batch_size)
 
   def _resize(self, image):
     if image.shape[0] == self.image_size:

@@ -41,7 +41,7 @@ CROP_PADDING = 32
 SHUFFLE_BUFFER = 50_000
 
 
-class ImageNet:
+class ImageNet(data.SquareImages):
   """imagenet2012 from TFDS, sharded by process."""
 
   num_classes = 1000
@@ -69,14 +69,6 @@ class ImageNet:
     self.local_batch = data.local_batch_size(self.batch_size)
     self.seed = config.seed
     self.augment = config.augment != 'none'
-
-  @property
-  def image_shape(self):
-    return (self.image_size, self.image_size, 3)
-
-  @property
-  def steps_per_epoch(self):
-    return max(1, self.num_train // self.batch_size)
 
   def _records(self, split, **kwargs):
     return self.builder.as_dataset(
@@ -117,11 +109,6 @@ class ImageNet:
         lambda: self._center_crop(jpeg))
     return tf.image.stateless_random_flip_left_right(crop, seed + 1)
 
-  def _options(self):
-    options = self.tf.data.Options()
-    options.deterministic = True
-    return options
-
   def train_batches(self, start_step: int = 0):
     def preprocess(seed, example):
       image = (self._random_crop(seed, example['image']) if self.augment
@@ -146,8 +133,9 @@ class ImageNet:
                             'label': tf.cast(ex['label'], tf.int32)},
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(self.local_batch).prefetch(tf.data.AUTOTUNE)
+    ds = ds.with_options(data.deterministic_options(tf))
     count = 0
-    for batch in tfds.as_numpy(ds.with_options(self._options())):
+    for batch in tfds.as_numpy(ds):
       count += 1
       yield data.pad_batch(batch, self.local_batch)
     empty = {'image': np.zeros((0, *self.image_shape), np.uint8),
