@@ -8,8 +8,10 @@ fastest static conv of the same shape (lax.conv, and for 1x1 one matmul, for
 depthwise the shifted multiply-add form) and the full CondConv layer (routing
 + conditional conv) with each strategy, and prints time / static time. The MAC
 column is the arithmetic floor: (conv + kernel mixing + routing) / conv.
-Absolute times are printed only as a sanity check: on a shared CPU only the
-ratios, measured minutes apart in the same process, are comparable.
+The auto column repeats the cell of the strategy auto picks (the same
+function). Absolute times are printed only as a sanity check: on a shared
+CPU only the ratios, measured minutes apart in the same process, are
+comparable.
 """
 
 from __future__ import annotations
@@ -49,18 +51,21 @@ CASES = {
     'pw1024': Case('pw1024', 7, 1024, 1024, 1),
     'dw512': Case('dw512', 14, 512, 512, 3, groups=512),
     'conv128': Case('conv128', 28, 128, 128, 3),
+    'fc1024': Case('fc1024', 1, 1024, 1000, 1),  # a CondConv classifier
 }
 
 
-def time_call(fn, args, budget_s: float, repeats: int) -> float:
-  """Best-of-`repeats` seconds per call; each repeat averages enough calls."""
+def time_call(fn, args, budget_s: float, repeats: int,
+              target_s: float = 0.2) -> float:
+  """Best-of-`repeats` seconds per call; each repeat averages enough calls
+  to last about `target_s`."""
   jax.block_until_ready(fn(*args))  # compile + warm up
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   once = time.perf_counter() - start
   if once > budget_s:
     return once
-  calls = max(1, int(0.2 / max(once, 1e-6)))
+  calls = max(1, int(target_s / max(once, 1e-6)))
   best = float('inf')
   for _ in range(repeats):
     start = time.perf_counter()
@@ -107,24 +112,21 @@ def mac_ratio(case: Case, batch: int, geom) -> float:
   return (conv + mixing + routing) / conv
 
 
-def measure(case: Case, batch: int, strategies, budget_s, repeats, skip):
+def measure(case: Case, batch: int, strategies, skip, dtype, **timing):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((batch, case.size, case.size, case.cin),
-                                      np.float32))
+  normal = lambda shape, scale=1.0: jnp.asarray(
+      rng.standard_normal(shape, np.float32) * scale, dtype)
+  x = normal((batch, case.size, case.size, case.cin))
   kshape = (case.kernel, case.kernel, case.cin // case.groups, case.cout)
-  kernel = jnp.asarray(rng.standard_normal(kshape, np.float32) * 0.05)
-  params = {
-      'experts': jnp.asarray(
-          rng.standard_normal((NUM_EXPERTS, *kshape), np.float32) * 0.05),
-      'routing': jnp.asarray(
-          rng.standard_normal((case.cin, NUM_EXPERTS), np.float32) * 0.05),
-  }
+  kernel = normal(kshape, 0.05)
+  params = {'experts': normal((NUM_EXPERTS, *kshape), 0.05),
+            'routing': normal((case.cin, NUM_EXPERTS), 0.05)}
   geom = conv_geometry(x.shape, kshape, padding='SAME',
                        feature_group_count=case.groups)
   rows = []
   for mode in ('fwd', 'fwd+bwd'):
     wrap = (lambda f: f) if mode == 'fwd' else forward_backward
-    static = {name: time_call(jax.jit(wrap(f)), (x, kernel), budget_s, repeats)
+    static = {name: time_call(jax.jit(wrap(f)), (x, kernel), **timing)
               for name, f in static_variants(case, geom).items()}
     best_name = min(static, key=static.get)
     base = static[best_name]
@@ -132,16 +134,20 @@ def measure(case: Case, batch: int, strategies, budget_s, repeats, skip):
            'static': f'{best_name} {base * 1e3:.2f}ms',
            'static/lax.conv': base / static['lax.conv'],
            'MACs': mac_ratio(case, batch, geom)}
+    chosen = condconv_jax.strategy.choose(geom, batch, NUM_EXPERTS,
+                                          jax.default_backend())
     for strategy in strategies:
       reason = skip(case, batch, mode, strategy)
       if reason:
         row[strategy] = reason
         continue
+      if strategy == 'auto' and chosen in strategies:
+        continue  # the same function as the chosen strategy's: its cell below
       fn = jax.jit(wrap(condconv_layer(case, strategy)))
-      row[strategy] = time_call(fn, (x, params), budget_s, repeats) / base
+      row[strategy] = time_call(fn, (x, params), **timing) / base
     if 'auto' in strategies:
-      row['auto ->'] = condconv_jax.strategy.choose(
-          geom, batch, NUM_EXPERTS, jax.default_backend())
+      row['auto ->'] = chosen
+      row.setdefault('auto', row.get(chosen))
     rows.append(row)
     print(format_row(row, strategies), flush=True)
   return rows
@@ -180,6 +186,10 @@ def main():
                       default=['auto', 'direct', 'loop', 'vmap', 'experts'],
                       choices=list(condconv_jax.STRATEGIES))
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--target-s', type=float, default=0.2,
+                      help='each repeat averages calls lasting about this')
+  parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16'])
   parser.add_argument('--budget-s', type=float, default=2.0,
                       help='a cell whose single call takes longer is timed once')
   parser.add_argument('--run-pathological', action='store_true',
@@ -191,7 +201,7 @@ def main():
   skip = (lambda *a: None) if args.run_pathological else known_pathological
   print(f'# {model_bench.machine()}, {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
-        f'E={NUM_EXPERTS}, float32, {cpu_setup.allocator()}')
+        f'E={NUM_EXPERTS}, {args.dtype}, {cpu_setup.allocator()}')
   print('# cells: layer time / fastest static conv time (same process); '
         '/lax: that static time / lax.conv\'s; MACs: arithmetic floor')
   header = ['case'.ljust(22), 'B'.rjust(4), 'mode'.ljust(8),
@@ -203,8 +213,9 @@ def main():
   worst_auto = 0.0
   for name in args.cases:
     for batch in batches:
-      for row in measure(CASES[name], batch, args.strategies, args.budget_s,
-                         args.repeats, skip):
+      for row in measure(CASES[name], batch, args.strategies, skip,
+                         jnp.dtype(args.dtype), budget_s=args.budget_s,
+                         repeats=args.repeats, target_s=args.target_s):
         if isinstance(row.get('auto'), float):
           worst_auto = max(worst_auto, row['auto'])
   if 'auto' in args.strategies:

@@ -2,6 +2,8 @@
 
     python benchmarks/model_bench.py                    # the README table
     python benchmarks/model_bench.py --models resnet50 --batch 8
+    python benchmarks/model_bench.py --dtype bfloat16 float32 --batch 128 \
+        --steps 10 --processes 1 --compile-jobs 8     # on a GPU
 
 For every paper model it runs one process per model (--processes times) in
 which four things alternate, step by step: the JAX static model, its
@@ -9,11 +11,22 @@ CondConv twin, and the PyTorch peer of each (timm / torchvision, random
 weights, the same batch, image size and dtype). Each is timed as a
 training step (SGD: forward, backward, update; BatchNorm in training mode)
 and as inference (one forward, eval mode); a cell is the best of --steps
-steps over all processes. Ratios: CC/static is the CondConv model's
-throughput over the static one's (static time / CondConv time), the peer
-ratio is the same for PyTorch, and JAX/PyTorch is the JAX static step time
-over PyTorch's. Absolute times are this CPU's, shared with whatever else ran
-(the 1-minute load average is printed); compare ratios.
+steps over all processes. `--cc-strategies auto vmap` adds a CondConv twin
+per extra strategy. `--dtype bfloat16` computes in bfloat16 with float32
+parameters (flax `dtype=`; PyTorch under autocast, channels-last on GPU).
+
+On a GPU (`jax.default_backend() == 'gpu'`) the peers run on CUDA.
+`--compile-jobs N` first compiles every JAX step in N parallel processes
+into a persistent compilation cache, then times one model per process as
+usual: compiling a model takes longer there than timing it. The JAX train
+column's memory is XLA's own account of the compiled training step
+(arguments + outputs - donated + temporaries).
+
+Ratios: CC/static is the CondConv model's throughput over the static one's
+(static time / CondConv time), the peer ratio is the same for PyTorch, and
+JAX/PyTorch is the JAX static step time over PyTorch's. Absolute times are
+this machine's, shared with whatever else ran (the 1-minute load average is
+printed); compare ratios.
 
 Peers: the parameter counts are printed beside them, and each peer has
 exactly the JAX model's. PyTorch has a CondConv twin only for EfficientNet
@@ -31,7 +44,19 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+
+class Runner(NamedTuple):
+  train_step: Callable[[], None]
+  infer_step: Callable[[], None]
+  params: int
+  train_memory: int | None = None  # bytes, from XLA (JAX runners only)
+  compiled_train: Any = None       # XLA executables (JAX runners only)
+  compiled_infer: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +86,16 @@ ENTRIES = {
     'ssd_mobilenet_v1': Entry('SSD300 MobileNetV1', 'ssd_mobilenet_v1', 8,
                               size=300),
 }
-KINDS = ('jax', 'jax_cc', 'torch', 'torch_cc')
+DTYPES = ('float32', 'bfloat16')
 
 
 # ---------------------------------------------------------------- one model
 
 
-def jax_runner(entry: Entry, experts: int, batch: int):
-  """(train_step, infer) closures over a JAX model's state, random data."""
+def jax_runner(entry: Entry, experts: int, batch: int, dtype: str,
+               strategy: str = 'auto') -> Runner:
+  """Steps over a JAX model's state and random data, both compiled ahead
+  (so a persistent compilation cache serves them)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -76,7 +103,8 @@ def jax_runner(entry: Entry, experts: int, batch: int):
   from condconv_jax import cost
   from condconv_jax.models import get_model
 
-  model = get_model(entry.model, num_experts=experts)
+  model = get_model(entry.model, num_experts=experts, dtype=jnp.dtype(dtype),
+                    **({'strategy': strategy} if experts else {}))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal(
       (batch, entry.size, entry.size, 3), np.float32))
@@ -110,6 +138,8 @@ def jax_runner(entry: Entry, experts: int, batch: int):
                        train=False)
 
   state = [(params, stats, tx.init(params))]
+  train = train.lower(*state[0], images, labels).compile()
+  infer = infer.lower(params, stats, images).compile()
 
   def train_step():
     state[0] = train(*state[0], images, labels)
@@ -119,10 +149,22 @@ def jax_runner(entry: Entry, experts: int, batch: int):
     jax.block_until_ready(infer(state[0][0], state[0][1], images))
 
   n_params = cost.count(model, (1, entry.size, entry.size, 3)).params
-  return train_step, infer_step, n_params
+  return Runner(train_step, infer_step, n_params, step_memory(train), train,
+                infer)
 
 
-def torch_runner(spec: str, batch: int, size: int):
+def step_memory(compiled) -> int | None:
+  """Bytes XLA says the compiled step needs, or None if it cannot say."""
+  try:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes -
+            m.alias_size_in_bytes + m.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  # backend without it
+    return None
+
+
+def torch_runner(spec: str, batch: int, size: int, dtype: str, device: str):
+  import contextlib
   import torch
   source, name = spec.split(':')
   if source == 'timm':
@@ -131,45 +173,74 @@ def torch_runner(spec: str, batch: int, size: int):
   else:
     import torchvision
     model = getattr(torchvision.models, name)(weights=None)
-  images = torch.randn(batch, 3, size, size)
-  labels = torch.randint(0, 1000, (batch,))
+  # Channels-last is PyTorch's fast conv layout on GPUs; on CPU its default.
+  layout = torch.channels_last if device == 'cuda' else torch.contiguous_format
+  model = model.to(device, memory_format=layout)
+  images = torch.randn(batch, 3, size, size, device=device).to(
+      memory_format=layout)
+  labels = torch.randint(0, 1000, (batch,), device=device)
   opt = torch.optim.SGD(model.parameters(), lr=0.01)
   loss_fn = torch.nn.CrossEntropyLoss()
+  compute = (functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+             if dtype == 'bfloat16' else contextlib.nullcontext)
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 
   def train_step():
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss_fn(model(images), labels).backward()
+    with compute():
+      loss = loss_fn(model(images), labels)
+    loss.backward()
     opt.step()
+    sync()
 
   def infer_step():
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), compute():
       model(images)
+    sync()
 
-  return train_step, infer_step, sum(p.numel() for p in model.parameters())
+  return Runner(train_step, infer_step,
+                sum(p.numel() for p in model.parameters()))
 
 
-def run_model(entry: Entry, batch: int, steps: int) -> dict:
+def cc_kind(strategy: str) -> str:
+  return 'jax_cc' if strategy == 'auto' else f'jax_cc_{strategy}'
+
+
+def jax_runners(entry: Entry, batch: int, dtype: str, variants) -> dict:
+  """variants: 'static' and CondConv strategies."""
+  return {
+      'jax' if variant == 'static' else cc_kind(variant): jax_runner(
+          entry, 0 if variant == 'static' else entry.experts, batch, dtype,
+          variant)
+      for variant in variants}
+
+
+def run_model(entry: Entry, batch: int, steps: int, dtype: str,
+              cc_strategies) -> dict:
   """Builds every runner of one model, warms each up, then alternates."""
-  runners = {'jax': jax_runner(entry, 0, batch),
-             'jax_cc': jax_runner(entry, entry.experts, batch)}
+  import jax
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  runners = jax_runners(entry, batch, dtype, ['static', *cc_strategies])
   for kind, spec in (('torch', entry.peer), ('torch_cc', entry.peer_cc)):
     if spec:
-      runners[kind] = torch_runner(spec, batch, entry.size)
-  for train_step, infer_step, _ in runners.values():
-    train_step()  # compile / warm up
-    infer_step()
+      runners[kind] = torch_runner(spec, batch, entry.size, dtype, device)
+  for runner in runners.values():
+    runner.train_step()  # warm up
+    runner.infer_step()
   best = {(kind, mode): float('inf') for kind in runners
           for mode in ('train', 'infer')}
   for _ in range(steps):
-    for kind, (train_step, infer_step, _) in runners.items():
-      for mode, step in (('train', train_step), ('infer', infer_step)):
+    for kind, runner in runners.items():
+      for mode, step in (('train', runner.train_step),
+                         ('infer', runner.infer_step)):
         start = time.perf_counter()
         step()
         best[kind, mode] = min(best[kind, mode], time.perf_counter() - start)
   return {'times': {f'{k}/{m}': t for (k, m), t in best.items()},
-          'params': {k: r[2] for k, r in runners.items()},
+          'params': {k: r.params for k, r in runners.items()},
+          'memory': {k: r.train_memory for k, r in runners.items()},
           'load': os.getloadavg()[0]}
 
 
@@ -197,45 +268,124 @@ def ratio(a, b):
   return '–' if a is None or b is None else f'{a / b:.2f}'
 
 
-def markdown(results: dict, batch: int) -> str:
-  lines = ['| model | B | mode | JAX static | JAX CondConv | CC/static '
-           'throughput | PyTorch static | PyTorch CondConv | peer CC/static '
-           '| JAX/PyTorch static time | params JAX (peer) |',
-           '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|']
-  for name, res in results.items():
-    entry, t, p = ENTRIES[name], res['times'], res['params']
+def gigabytes(n):
+  return '–' if n is None else f'{n / 2**30:.1f}'
+
+
+def markdown(results: dict, cc_strategies) -> str:
+  """One row per (model, batch, dtype, mode); `results` keyed by the same."""
+  extra = [s for s in cc_strategies if s != 'auto']
+  lines = ['| model | B | dtype | mode | JAX static | JAX CondConv | CC/static '
+           'throughput | ' + ''.join(f'CondConv {s} | ' for s in extra) +
+           'PyTorch static | PyTorch CondConv | peer CC/static | JAX/PyTorch '
+           'static time | train GiB static / CC | params JAX (peer) |',
+           '|---|---:|---|---|---:|---:|---:|' + '---:|' * len(extra) +
+           '---:|---:|---:|---:|---:|---|']
+  for (name, batch, dtype), res in results.items():
+    entry, t, p, mem = ENTRIES[name], res['times'], res['params'], res['memory']
+    peer = (f'{p["jax"]:,} ({p["torch"]:,}); CC {p["jax_cc"]:,}'
+            + (f' ({p["torch_cc"]:,})' if 'torch_cc' in p else '')
+            if 'torch' in p else f'{p["jax"]:,}; CC {p["jax_cc"]:,}')
+    memory = (f'{gigabytes(mem.get("jax"))} / {gigabytes(mem.get("jax_cc"))}')
     for mode in ('train', 'infer'):
       get = lambda kind: t.get(f'{kind}/{mode}')
-      experts = f'{entry.experts}'
-      peer = (f'{p["jax"]:,} ({p["torch"]:,}); CC {p["jax_cc"]:,}'
-              + (f' ({p["torch_cc"]:,})' if 'torch_cc' in p else '')
-              if 'torch' in p else f'{p["jax"]:,}; CC {p["jax_cc"]:,}')
+      extra_cells = ''.join(
+          f'{ms(get(cc_kind(s)))} ({ratio(get("jax"), get(cc_kind(s)))}) | '
+          for s in extra)
       lines.append(
-          f'| {entry.label} | {batch} | {mode} | {ms(get("jax"))} | '
-          f'{ms(get("jax_cc"))} ({experts}) | '
-          f'{ratio(get("jax"), get("jax_cc"))} | {ms(get("torch"))} | '
-          f'{ms(get("torch_cc"))} | {ratio(get("torch"), get("torch_cc"))} | '
-          f'{ratio(get("jax"), get("torch"))} | {peer} |')
+          f'| {entry.label} | {batch} | {dtype} | {mode} | {ms(get("jax"))} | '
+          f'{ms(get("jax_cc"))} ({entry.experts}) | '
+          f'{ratio(get("jax"), get("jax_cc"))} | {extra_cells}'
+          f'{ms(get("torch"))} | {ms(get("torch_cc"))} | '
+          f'{ratio(get("torch"), get("torch_cc"))} | '
+          f'{ratio(get("jax"), get("torch"))} | '
+          f'{memory if mode == "train" else ""} | {peer} |')
   return '\n'.join(lines)
+
+
+def child_command(name, batch, dtype, args, *flags):
+  return [sys.executable, __file__, '--one', name, '--batch', str(batch),
+          '--dtype', dtype, '--steps', str(args.steps), '--cache-dir',
+          args.cache_dir or '', '--cc-strategies', *args.cc_strategies, *flags]
+
+
+def run_child(command, config) -> str | None:
+  """The child's stdout; on failure (out of memory, say) its error, and None:
+  one configuration failing leaves the others' rows."""
+  done = subprocess.run(command, capture_output=True, text=True)
+  if done.returncode:
+    print(f'# {config} failed (exit {done.returncode}): ' +
+          ' | '.join(done.stderr.strip().splitlines()[-3:]), flush=True)
+    return None
+  return done.stdout
+
+
+def compile_all(configs, args):
+  """Fills the persistent compilation cache: one process per model variant,
+  --compile-jobs at a time."""
+  from concurrent.futures import ThreadPoolExecutor
+  start = time.perf_counter()
+  jobs = [(config, variant) for config in configs
+          for variant in ('static', *args.cc_strategies)]
+  def one(job):
+    config, variant = job
+    run_child(child_command(*config, args, '--compile-only', variant),
+              (*config, variant))
+  with ThreadPoolExecutor(args.compile_jobs) as pool:
+    list(pool.map(one, jobs))
+  print(f'# compiled {len(jobs)} model variants in '
+        f'{time.perf_counter() - start:.0f} s ({args.compile_jobs} jobs)',
+        flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--models', nargs='+', default=list(ENTRIES),
                       choices=list(ENTRIES))
-  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--batch', type=int, nargs='+', default=[16])
+  parser.add_argument('--dtype', nargs='+', default=['float32'],
+                      choices=DTYPES)
+  parser.add_argument('--cc-strategies', nargs='+', default=['auto'],
+                      choices=['auto', 'vmap', 'direct', 'loop', 'experts'],
+                      help='one CondConv twin per strategy (auto first)')
   parser.add_argument('--steps', type=int, default=4,
                       help='timed steps of each kind per process')
   parser.add_argument('--processes', type=int, default=2,
                       help='processes per model; cells are the best over all')
+  parser.add_argument('--compile-jobs', type=int, default=0,
+                      help='compile every step first, this many at a time')
+  parser.add_argument('--cache-dir', default=None,
+                      help='persistent compilation cache (default with '
+                      '--compile-jobs: a temporary folder)')
+  parser.add_argument('--compile-only', nargs='?', const='all',
+                      default=None, help='with --compile-jobs and --cache-dir:'
+                      ' only fill the cache')
   parser.add_argument('--one', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.cc_strategies[0] != 'auto':
+    parser.error('--cc-strategies must start with auto (the CondConv column)')
+  if args.compile_only and not args.one and not (args.compile_jobs and
+                                                 args.cache_dir):
+    parser.error('--compile-only needs --compile-jobs N and --cache-dir DIR '
+                 '(the cache a later run reads)')
 
   from condconv_jax import cpu_setup
   cpu_setup.use_tcmalloc()  # re-executes once; children inherit it
 
   if args.one:  # a child: one model, JSON on the last line
-    result = run_model(ENTRIES[args.one], args.batch, args.steps)
+    # JAX and PyTorch share the accelerator: JAX allocates as it goes.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    import jax
+    if args.cache_dir:
+      jax.config.update('jax_compilation_cache_dir', args.cache_dir)
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+      jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    entry, = (ENTRIES[args.one],)
+    if args.compile_only:  # names the variant to compile
+      jax_runners(entry, args.batch[0], args.dtype[0], [args.compile_only])
+      return
+    result = run_model(entry, args.batch[0], args.steps, args.dtype[0],
+                       args.cc_strategies)
     print(json.dumps(result))
     return
 
@@ -243,26 +393,32 @@ def main():
   import torch
   print(f'# {machine()}; jax {jax.__version__} ({jax.devices()[0].device_kind}'
         f'), torch {torch.__version__} ({torch.get_num_threads()} threads); '
-        f'float32; allocator: {cpu_setup.allocator()}; XLA_FLAGS='
+        f'allocator: {cpu_setup.allocator()}; XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}', flush=True)
+  configs = [(name, batch, dtype) for dtype in args.dtype
+             for batch in args.batch for name in args.models]
+  if args.compile_jobs:
+    args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='jax_cache_')
+    compile_all(configs, args)
+    if args.compile_only:
+      return
   results = {}
-  for name in args.models:
+  for config in configs:
     for process in range(args.processes):
-      out = subprocess.run(
-          [sys.executable, __file__, '--one', name, '--batch',
-           str(args.batch), '--steps', str(args.steps)],
-          check=True, capture_output=True, text=True).stdout
+      out = run_child(child_command(*config, args), config)
+      if out is None:
+        continue
       result = json.loads(out.strip().splitlines()[-1])
-      print(f'# {name} process {process}: load {result["load"]:.2f}, ' +
+      print(f'# {config} process {process}: load {result["load"]:.2f}, ' +
             ', '.join(f'{k} {v * 1e3:.0f} ms'
                       for k, v in result['times'].items()), flush=True)
-      if name in results:
-        times = results[name]['times']
+      if config in results:
+        times = results[config]['times']
         for k, v in result['times'].items():
           times[k] = min(times[k], v)
       else:
-        results[name] = result
-  print(markdown(results, args.batch))
+        results[config] = result
+  print(markdown(results, args.cc_strategies))
 
 
 if __name__ == '__main__':

@@ -8,9 +8,11 @@ is laid out for the hardware (see `strategy.py` for the measured choice):
 - "vmap":    mix one kernel per example, then vmap `lax.conv_general_dilated`
              over the batch (XLA lowers it to a grouped conv with B*g groups).
 - "experts": the mixture-of-experts form sum_e r_e (W_e * x): all E expert
-             convs as ONE wide grouped conv, then a weighted sum. No
-             per-example kernels, which is what runtimes that accept only
-             constant weights need.
+             convs as ONE wide grouped conv, then a weighted sum (1x1: one
+             matmul of the routing-scaled inputs with the stacked experts).
+             No per-example kernels, which is what runtimes that accept
+             only constant weights need, and what a classifier (1x1
+             spatial) runs fastest as.
 - "direct":  mix one kernel per example, then apply it without a conv op:
              for 1x1 the batched matmul 'bhwc,bco->bhwo', for k x k one
              batched matmul over im2col patches, for depthwise k*k shifted
@@ -50,10 +52,12 @@ def mix_experts(routing_weights: jax.Array, experts: jax.Array,
   the parameters are stored in, so no transpose is needed either way.
   """
   num_experts = experts.shape[0]
-  flat = experts.reshape(num_experts, -1)
-  mixed = jnp.matmul(routing_weights.astype(flat.dtype), flat,
-                     precision=precision)
-  return mixed.reshape(routing_weights.shape[0], *experts.shape[1:])
+  # The scope names these ops in profiles (benchmarks/profile_step.py).
+  with jax.named_scope('mix_experts'):
+    flat = experts.reshape(num_experts, -1)
+    mixed = jnp.matmul(routing_weights.astype(flat.dtype), flat,
+                       precision=precision)
+    return mixed.reshape(routing_weights.shape[0], *experts.shape[1:])
 
 
 def static_conv(x: jax.Array, kernel: jax.Array, geom: ConvGeometry,
@@ -109,11 +113,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                        kernel_dilation=rhs_dilation or 1,
                        feature_group_count=feature_group_count)
   form = strategy_lib.static_form(geom, jax.default_backend())
-  if form == 'matmul':
-    return pointwise_matmul_conv(lhs, rhs, geom, precision)
-  if form == 'shifted':
-    return shifted_depthwise_conv(lhs, rhs[None], geom)
-  return fallback()
+  with jax.named_scope(f'static_conv_{form}'):  # names the ops in profiles
+    if form == 'matmul':
+      return pointwise_matmul_conv(lhs, rhs, geom, precision)
+    if form == 'shifted':
+      return shifted_depthwise_conv(lhs, rhs[None], geom)
+    return fallback()
 
 
 def _padded_input(x: jax.Array, geom: ConvGeometry) -> jax.Array:
@@ -374,6 +379,8 @@ def _vmap_strategy(x, experts, routing_weights, geom, precision):
 
 
 def _experts_strategy(x, experts, routing_weights, geom, precision):
+  if geom.is_pointwise and geom.feature_group_count == 1:
+    return _pointwise_experts(x, experts, routing_weights, geom, precision)
   num_experts, kh, kw, cin_g, cout = experts.shape
   groups = geom.feature_group_count
   cout_g = cout // groups
@@ -391,6 +398,27 @@ def _experts_strategy(x, experts, routing_weights, geom, precision):
                                   cout_g)
   out = jnp.einsum('bhwgeo,be->bhwgo', per_expert,
                    routing_weights.astype(per_expert.dtype),
+                   precision=precision)
+  return out.reshape(batch, out_h, out_w, cout)
+
+
+def _pointwise_experts(x, experts, routing_weights, geom, precision):
+  """The mixture of E 1x1 experts as one matmul over routing-scaled inputs.
+
+  sum_e r_e (x W_e) = [r_1 x, ..., r_E x] @ [W_1; ...; W_E]: the stacked
+  experts [E*Cin, Cout] are the parameter itself (no transpose), the MACs are
+  E times the static conv's, and nothing of size B*Cin*Cout exists in either
+  pass (the expert gradient is one [E*Cin, B*H*W] @ [B*H*W, Cout] matmul).
+  For a classifier (1x1 spatial) that is exactly the kernel-mixing matmul's
+  cost, without the per-example kernels and their gradients.
+  """
+  (_, _, tap), = kernel_taps(x, geom)
+  batch, out_h, out_w, cin = tap.shape
+  num_experts, cout = experts.shape[0], experts.shape[-1]
+  scaled = (tap[:, :, :, None, :] *
+            routing_weights.astype(tap.dtype)[:, None, None, :, None])
+  out = jnp.matmul(scaled.reshape(-1, num_experts * cin),
+                   experts.reshape(num_experts * cin, cout),
                    precision=precision)
   return out.reshape(batch, out_h, out_w, cout)
 
@@ -465,7 +493,8 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
   if strategy == 'auto':
     strategy = strategy_lib.choose(geom, batch, num_experts,
                                    jax.default_backend())
-  out = _STRATEGY_FNS[strategy](x, experts, routing_weights, geom, precision)
+  with jax.named_scope(f'conditional_conv_{strategy}'):
+    out = _STRATEGY_FNS[strategy](x, experts, routing_weights, geom, precision)
   if bias is not None:
     out = out + mix_experts(routing_weights, bias, precision)[:, None, None, :]
   return out
