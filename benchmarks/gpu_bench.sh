@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 CACHE=${CACHE:-/tmp/jax_cache}
-GPU_CORES=0-13  # the host's last two cores run the CPU layer table
+GPU_CORES=0-13  # the host's last two cores (of 16) run the CPU layer table
 
 pin() {  # cores command...: run pinned to cores, where taskset exists
   local cores=$1; shift

@@ -369,12 +369,13 @@ def main():
     parser.error('--compile-only needs --compile-jobs N and --cache-dir DIR '
                  '(the cache a later run reads)')
 
+  # JAX and PyTorch share an accelerator, and the parent must not hold its
+  # memory while the children run: JAX allocates as it goes.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   from condconv_jax import cpu_setup
   cpu_setup.use_tcmalloc()  # re-executes once; children inherit it
 
   if args.one:  # a child: one model, JSON on the last line
-    # JAX and PyTorch share the accelerator: JAX allocates as it goes.
-    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     import jax
     if args.cache_dir:
       jax.config.update('jax_compilation_cache_dir', args.cache_dir)
@@ -397,11 +398,17 @@ def main():
         f'{os.environ.get("XLA_FLAGS", "")!r}', flush=True)
   configs = [(name, batch, dtype) for dtype in args.dtype
              for batch in args.batch for name in args.models]
-  if args.compile_jobs:
-    args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='jax_cache_')
-    compile_all(configs, args)
-    if args.compile_only:
-      return
+  with tempfile.TemporaryDirectory(prefix='jax_cache_') as scratch:
+    if args.compile_jobs:
+      args.cache_dir = args.cache_dir or scratch
+      compile_all(configs, args)
+      if args.compile_only:
+        return
+    time_all(configs, args)
+
+
+def time_all(configs, args):
+  """Times each configuration in its own processes; prints the table."""
   results = {}
   for config in configs:
     for process in range(args.processes):

@@ -68,7 +68,7 @@ def shared_durations(intervals) -> collections.Counter:
     active_at[start].append((name, end))
   running = []
   for left, right in zip(edges, edges[1:]):
-    running = [(n, e) for n, e in running if e > left] + active_at[left]
+    running = [(n, e) for n, e in running + active_at[left] if e > left]
     for name, _ in running:
       shares[name] += (right - left) / len(running) / 1e3
   return shares

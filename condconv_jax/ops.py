@@ -149,7 +149,8 @@ def kernel_taps(x: jax.Array, geom: ConvGeometry
       start = (0, i * dil_h, j * dil_w, 0)
       limit = (batch, start[1] + (out_h - 1) * stride_h + 1,
                start[2] + (out_w - 1) * stride_w + 1, channels)
-      if start == (0, 0, 0, 0) and limit == padded.shape:
+      if (start == (0, 0, 0, 0) and limit == padded.shape and
+          geom.strides == (1, 1)):
         yield i, j, padded
       else:
         yield i, j, lax.slice(padded, start, limit, (1, stride_h, stride_w, 1))

@@ -12,7 +12,7 @@ forward and forward+backward:
   on both current-code CPUs (AMD 1.2-4.6x, Intel host 1.0-16x, worst at
   7x7x1024 batch 1, where reading the E experts and writing their gradient
   is the floor) and on the GPU (0.8-8x against a static conv that takes
-  0.05-0.1 ms there). "vmap" (a grouped conv) takes up to 96x on CPU (its
+  0.04-0.1 ms there). "vmap" (a grouped conv) takes up to 96x on CPU (its
   grouped kernel gradient grows like B^2) and 123x on the GPU.
 - 1x1 convs on a 1x1 input (a classifier): "experts" (one matmul of the
   routing-scaled inputs with the stacked experts, `ops._pointwise_experts`)
@@ -32,7 +32,7 @@ forward and forward+backward:
   batch 128: 30 vs 111 ms per step; `benchmarks/model_bench.py
   --cc-strategies auto vmap`). Batch-1 k x k on a GPU is not measured: the
   rule keeps "vmap" there (one conv, no im2col buffer).
-- "experts" in general does E convolutions' worth of work (8-123x here) and
+- "experts" in general does E convolutions' worth of work (7-123x here) and
   never wins for E > 1 except on the 1x1 input above; it is there for
   runtimes that accept only constant weights.
 """
@@ -69,7 +69,7 @@ def static_form(geom: ConvGeometry, backend: str) -> str:
   'matmul' (1x1, one group, no input dilation), 'shifted' (depthwise) or
   'xla' (lax.conv). Off CPU everything stays 'xla': the other forms were
   written for XLA:CPU's slow conv backward. On the H200 the layer bench's
-  static layers take 0.05-0.1 ms, launch-bound, with the matmul form at
+  static layers take 0.04-0.1 ms, launch-bound, with the matmul form at
   0.5-1.0x lax.conv's time and the shifted depthwise at 0.6-1.0x: too close
   to the launch floor to switch without a whole-model measurement.
   """

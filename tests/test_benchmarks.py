@@ -20,6 +20,12 @@ def test_shared_durations_split_overlaps_evenly():
   assert sum(got.values()) == pytest.approx(15e-3)  # the busy wall time
 
 
+def test_shared_durations_zero_length_events_take_no_share():
+  got = profile_step.shared_durations([('a', 0, 10), ('z', 5, 5)])
+  assert got['a'] == pytest.approx(10e-3)
+  assert got['z'] == 0
+
+
 def test_shared_durations_leave_gaps_out():
   got = profile_step.shared_durations([('a', 0, 2), ('b', 5, 6)])
   assert got == {'a': pytest.approx(2e-3), 'b': pytest.approx(1e-3)}

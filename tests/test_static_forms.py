@@ -17,6 +17,8 @@ STATIC_CASES = [
     ('1x1', 2, (5, 4), 5, 7, 1, 1, 'SAME', 1, 1),
     ('1x1 stride2', 2, (7, 6), 3, 4, 1, 2, 'SAME', 1, 1),
     ('1x1 stride2 padded', 2, (5, 6), 3, 4, 1, 2, ((1, 0), (0, 1)), 1, 1),
+    # Both sides odd: the strided output ends exactly at the input's edge.
+    ('1x1 stride2 odd', 2, (5, 7), 3, 4, 1, 2, 'VALID', 1, 1),
     ('depthwise', 2, (7, 6), 4, 4, 3, 1, 'SAME', 1, 4),
     ('depthwise stride2 odd', 3, (7, 7), 3, 3, 3, 2, 'SAME', 1, 3),
     ('depthwise 5x5 stride2 even', 2, (8, 8), 2, 2, 5, 2, 'SAME', 1, 2),
