@@ -76,8 +76,7 @@ def main(argv):
   except checkpoint.CheckpointError as error:
     checkpoint.exit_with(error, 'eval.py')
   metrics = run.evaluate(variables)
-  title = (f'{config.model}, {config.num_experts} experts, '
-           f'{config.dataset} {config.eval_split}'.strip())
+  title = detection_figure.run_title(config)
   detection = isinstance(run.task, tasks.Detection)
   if FLAGS.routing_png:
     if detection:
@@ -95,10 +94,8 @@ def main(argv):
   if FLAGS.detections_png:
     if not detection:
       raise app.UsageError('--detections_png needs a detection model.')
-    examples = detection_figure.first_images(run, variables, FLAGS.num_images)
-    if jax.process_index() == 0:
-      detection_figure.plot(examples, FLAGS.detections_png, FLAGS.min_score,
-                            title)
+    detection_figure.write(run, variables, FLAGS.detections_png,
+                           FLAGS.num_images, FLAGS.min_score, title)
     metrics['detections_png'] = FLAGS.detections_png
   if jax.process_index() == 0:
     print(json.dumps(metrics, indent=2))

@@ -35,12 +35,10 @@ def write_detections_png(config, run_dir):
   """run_dir/detections.png: the first evaluation images with ground truth
   and detections (what eval.py --detections_png draws)."""
   run, variables = trainer.restore_for_eval(config, run_dir)
-  examples = detection_figure.first_images(run, variables, count=4)
   path = run_dir / 'detections.png'
+  detection_figure.write(run, variables, path,
+                         title=detection_figure.run_title(config))
   if jax.process_index() == 0:
-    detection_figure.plot(examples, path, title=(
-        f'{config.model}, {config.num_experts} experts, {config.dataset} '
-        f'{config.eval_split}'))
     print(f'detections: {path}')
 
 

@@ -389,8 +389,8 @@ def _experts_strategy(x, experts, routing_weights, geom, precision):
   # inside each group: [kh, kw, Cin/g, g, E, Cout/g] -> one conv, E*Cout wide.
   wide = experts.reshape(num_experts, kh, kw, cin_g, groups, cout_g)
   wide = wide.transpose(1, 2, 3, 4, 0, 5).reshape(kh, kw, cin_g, -1)
-  # One static conv E*Cout wide, in the backend's fastest form (a matmul for
-  # 1x1, shifted multiply-adds for depthwise on CPU).
+  # One static conv E*Cout wide, in the backend's fastest form (shifted
+  # multiply-adds for depthwise on CPU; ungrouped 1x1 took the branch above).
   per_expert = conv_general_dilated(
       x, wide, geom.strides, geom.padding, geom.input_dilation,
       geom.kernel_dilation, _DIMENSION_NUMBERS, groups, precision=precision)

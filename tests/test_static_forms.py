@@ -36,6 +36,20 @@ def rel_err(actual, expected):
                                                  1e-30)
 
 
+def assert_per_example_conv_matches(f, conv, x, kernels, rng):
+  """f(x, kernels) (one kernel per example) against the float64 reference
+  conv: values, and the gradients for a random cotangent drawn from rng."""
+  expected = conv.apply(x, kernels)
+  dy = rng.standard_normal(expected.shape)
+  dx_want, dk_want = conv.vjp(x, kernels, dy)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  assert rel_err(jax.jit(f)(f32(x), f32(kernels)), expected) <= 1e-5
+  dx, dk = jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), f32(dy)),
+                            argnums=(0, 1)))(f32(x), f32(kernels))
+  assert rel_err(dx, dx_want) <= 1e-5
+  assert rel_err(dk, dk_want) <= 1e-5
+
+
 @pytest.mark.parametrize('case', STATIC_CASES, ids=[c[0] for c in STATIC_CASES])
 def test_conv_general_dilated_matches_float64_reference(case):
   _, batch, (h, w), cin, cout, k, strides, padding, dilation, groups = case
@@ -80,16 +94,9 @@ def test_shifted_depthwise_per_example_kernels_gradients(strides, padding,
                        feature_group_count=2)
   conv = reference.Conv(x.shape, kernels.shape[1:], (strides,) * 2, padding,
                         kernel_dilation=(dilation,) * 2, groups=2)
-  expected = conv.apply(x, kernels)
-  dy = rng.standard_normal(expected.shape)
-  dx_want, dk_want = conv.vjp(x, kernels, dy)
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  f = lambda x, k: ops.shifted_depthwise_conv(x, k, geom)
-  assert rel_err(jax.jit(f)(f32(x), f32(kernels)), expected) <= 1e-5
-  dx, dk = jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), f32(dy)),
-                            argnums=(0, 1)))(f32(x), f32(kernels))
-  assert rel_err(dx, dx_want) <= 1e-5
-  assert rel_err(dk, dk_want) <= 1e-5
+  assert_per_example_conv_matches(
+      lambda x, k: ops.shifted_depthwise_conv(x, k, geom), conv, x, kernels,
+      rng)
 
 
 @pytest.mark.parametrize('kernel,strides,padding,dilation', [
@@ -103,16 +110,9 @@ def test_per_example_matmul_conv_gradients(kernel, strides, padding, dilation):
                        padding=padding, kernel_dilation=dilation)
   conv = reference.Conv(x.shape, kernels.shape[1:], (strides,) * 2, padding,
                         kernel_dilation=(dilation,) * 2)
-  expected = conv.apply(x, kernels)
-  dy = rng.standard_normal(expected.shape)
-  dx_want, dk_want = conv.vjp(x, kernels, dy)
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  f = lambda x, k: ops.per_example_matmul_conv(x, k, geom)
-  assert rel_err(jax.jit(f)(f32(x), f32(kernels)), expected) <= 1e-5
-  dx, dk = jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), f32(dy)),
-                            argnums=(0, 1)))(f32(x), f32(kernels))
-  assert rel_err(dx, dx_want) <= 1e-5
-  assert rel_err(dk, dk_want) <= 1e-5
+  assert_per_example_conv_matches(
+      lambda x, k: ops.per_example_matmul_conv(x, k, geom), conv, x, kernels,
+      rng)
 
 
 @pytest.mark.parametrize('kwargs', [

@@ -35,6 +35,21 @@ def first_images(trainer, variables, count: int, split: str | None = None):
   return found
 
 
+def run_title(config) -> str:
+  """What a run's pictures are of: model, experts, dataset and split."""
+  return (f'{config.model}, {config.num_experts} experts, '
+          f'{config.dataset} {config.eval_split}'.strip())
+
+
+def write(trainer, variables, path, count: int = 4, min_score: float = 0.3,
+          title: str = ''):
+  """Draws the first `count` evaluation images to `path` on process 0.
+  Every process calls it: the evaluation steps are collective."""
+  examples = first_images(trainer, variables, count)
+  if jax.process_index() == 0:
+    plot(examples, path, min_score, title)
+
+
 def plot(examples, path: str, min_score: float = 0.3, title: str = ''):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
