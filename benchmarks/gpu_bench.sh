@@ -1,15 +1,20 @@
 #!/bin/bash
-# The README's GPU numbers and its second-CPU layer table, on one NVIDIA GPU
-# machine whose python3 has JAX (CUDA), flax, optax, PyTorch and timm:
+# The README's GPU benchmarks, on one NVIDIA GPU machine whose python3 has
+# JAX (CUDA), flax, optax, PyTorch and timm:
 #
-#   OUT=/some/folder benchmarks/gpu_bench.sh
+#   OUT=/some/folder PARTS="b0_depthwise float32" benchmarks/gpu_bench.sh
 #
-# About 10 minutes on an H200 with 16 host cores (the README's figures came
-# from these commands, run in three pieces). One file per run in $OUT
-# (default /tmp/gpu_bench); every run has its own timeout, so a slow or
-# failing one leaves the others' files. Compiling a model's training step
-# takes 30-150 s there, far longer than timing it, so the model variants
-# compile first, in parallel, into a persistent cache.
+# PARTS (default: all of them, ~20 minutes on an H200, more than one lent
+# session's 15): bf16_128 (ResNet-50 with a vmap twin, EfficientNet-B0:
+# the README's table), b0_depthwise (EfficientNet-B0 with its depthwise
+# CondConv layers as cuDNN grouped convs, 'depthwise=vmap', against auto),
+# float32, bf16_256, layers (the 1x1, depthwise and 3x3 layer rows) and
+# host_cpu (the second-CPU layer table, on two host cores).
+# One file per run in $OUT (default /tmp/gpu_bench); every run has its own
+# timeout, so a slow or failing one leaves the others' files. Compiling a
+# model's steps takes 30-150 s there, far longer than timing them, so each
+# part compiles its variants first into a persistent cache, at most four at
+# a time (eight at once took 331 s, against 110 s for four).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
@@ -17,6 +22,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 CACHE=${CACHE:-/tmp/jax_cache}
+PARTS=${PARTS:-bf16_128 b0_depthwise float32 bf16_256 layers host_cpu}
 GPU_CORES=0-13  # the host's last two cores (of 16) run the CPU layer table
 
 pin() {  # cores command...: run pinned to cores, where taskset exists
@@ -24,9 +30,12 @@ pin() {  # cores command...: run pinned to cores, where taskset exists
   if command -v taskset >/dev/null; then taskset -c "$cores" "$@"; else "$@"; fi
 }
 
-models() {  # name timeout args...: model_bench on the GPU, to $OUT/name.md
-  local name=$1 limit=$2; shift 2
-  pin $GPU_CORES timeout "$limit" "$PY" benchmarks/model_bench.py \
+models() {  # name compile_timeout time_timeout args...: to $OUT/name.md
+  local name=$1 compile_limit=$2 time_limit=$3; shift 3
+  pin $GPU_CORES timeout "$compile_limit" "$PY" benchmarks/model_bench.py \
+      --compile-only --compile-jobs 4 --cache-dir "$CACHE" "$@" \
+      >"$OUT/$name.compile.txt" 2>&1
+  pin $GPU_CORES timeout "$time_limit" "$PY" benchmarks/model_bench.py \
       --steps 10 --processes 1 --cache-dir "$CACHE" "$@" >"$OUT/$name.md" 2>&1
 }
 
@@ -43,23 +52,34 @@ layers() {  # name timeout args...: layer_bench on the GPU, bfloat16
 flax.__version__, torch.__version__, timm.__version__, jax.devices())'
 } >"$OUT/machine.txt" 2>&1
 
-# The CPU layer table on two host cores nobody else uses here, alongside.
-(cd benchmarks && JAX_PLATFORMS=cpu pin 14,15 timeout 500 "$PY" \
-    layer_bench.py --batches 1 8 64 --strategies auto direct loop vmap \
-    >"$OUT/layers_host_cpu.txt" 2>&1) &
-
-# Compile first (both at once), then time one model per process.
-for args in "--models resnet50 --cc-strategies auto vmap" \
-            "--models efficientnet_b0"; do
-  pin $GPU_CORES timeout 200 "$PY" benchmarks/model_bench.py --compile-only \
-      --compile-jobs 3 --cache-dir "$CACHE" --batch 128 --dtype bfloat16 \
-      $args >>"$OUT/compile.txt" 2>&1 &
+if [[ " $PARTS " == *" host_cpu "* ]]; then
+  # Two host cores nobody else uses here, alongside the GPU parts.
+  (cd benchmarks && JAX_PLATFORMS=cpu pin 14,15 timeout 500 "$PY" \
+      layer_bench.py --batches 1 8 64 --strategies auto direct loop vmap \
+      >"$OUT/layers_host_cpu.txt" 2>&1) &
+fi
+for part in $PARTS; do
+  case $part in
+    host_cpu) ;;  # started above
+    bf16_128)
+      models resnet50_bf16_128 200 100 --models resnet50 --batch 128 \
+          --dtype bfloat16 --cc-strategies auto vmap
+      models b0_bf16_128 200 100 --models efficientnet_b0 --batch 128 \
+          --dtype bfloat16 ;;
+    b0_depthwise)
+      models b0_depthwise_bf16_128 200 100 --models efficientnet_b0 \
+          --batch 128 --dtype bfloat16 --cc-strategies auto depthwise=vmap ;;
+    float32)
+      models float32_128 260 200 --models resnet50 efficientnet_b0 \
+          --batch 128 --dtype float32 ;;
+    bf16_256)
+      models bf16_256 260 200 --models resnet50 efficientnet_b0 --batch 256 \
+          --dtype bfloat16 ;;
+    layers)
+      layers layers_bf16 80 --cases pw512 pw1024
+      layers layers_bf16_dw_kxk 120 --cases dw512 conv128 ;;
+    *) echo "unknown part $part" >&2 ;;
+  esac
 done
-wait %2 %3
-models resnet50_bf16_128 100 --models resnet50 --batch 128 --dtype bfloat16 \
-    --cc-strategies auto vmap
-models b0_bf16_128 110 --models efficientnet_b0 --batch 128 --dtype bfloat16
-layers layers_bf16 80 --cases pw512 pw1024
-layers layers_bf16_dw_kxk 80 --cases dw512 conv128
 wait
 ls -l "$OUT"

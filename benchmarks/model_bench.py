@@ -153,6 +153,15 @@ def jax_runner(entry: Entry, experts: int, batch: int, dtype: str,
                 infer)
 
 
+def use_compilation_cache(cache_dir: str | None):
+  """Every compiled step read from / written to cache_dir (if given)."""
+  if cache_dir:
+    import jax
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def step_memory(compiled) -> int | None:
   """Bytes XLA says the compiled step needs, or None if it cannot say."""
   try:
@@ -346,8 +355,8 @@ def main():
   parser.add_argument('--dtype', nargs='+', default=['float32'],
                       choices=DTYPES)
   parser.add_argument('--cc-strategies', nargs='+', default=['auto'],
-                      choices=['auto', 'vmap', 'direct', 'loop', 'experts'],
-                      help='one CondConv twin per strategy (auto first)')
+                      help='one CondConv twin per strategy (auto first): a '
+                      "name or per conv kind, e.g. 'depthwise=vmap'")
   parser.add_argument('--steps', type=int, default=4,
                       help='timed steps of each kind per process')
   parser.add_argument('--processes', type=int, default=2,
@@ -362,8 +371,14 @@ def main():
                       ' only fill the cache')
   parser.add_argument('--one', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.cc_strategies[0] != 'auto':
+  from condconv_jax import strategy as strategy_lib
+  try:
+    specs = [strategy_lib.parse(spec) for spec in args.cc_strategies]
+  except ValueError as error:
+    parser.error(str(error))
+  if specs[0] != ('auto', {}):
     parser.error('--cc-strategies must start with auto (the CondConv column)')
+  args.cc_strategies[0] = 'auto'
   if args.compile_only and not args.one and not (args.compile_jobs and
                                                  args.cache_dir):
     parser.error('--compile-only needs --compile-jobs N and --cache-dir DIR '
@@ -376,11 +391,7 @@ def main():
   cpu_setup.use_tcmalloc()  # re-executes once; children inherit it
 
   if args.one:  # a child: one model, JSON on the last line
-    import jax
-    if args.cache_dir:
-      jax.config.update('jax_compilation_cache_dir', args.cache_dir)
-      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-      jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    use_compilation_cache(args.cache_dir)
     entry, = (ENTRIES[args.one],)
     if args.compile_only:  # names the variant to compile
       jax_runners(entry, args.batch[0], args.dtype[0], [args.compile_only])

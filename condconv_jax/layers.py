@@ -103,7 +103,9 @@ class CondConv(nn.Module):
 
     num_experts: E, the number of expert kernels.
     strategy: how to compute it: 'auto', 'direct', 'loop', 'vmap' or
-      'experts' (see `condconv_jax.ops`); results agree to float rounding.
+      'experts' (see `condconv_jax.ops`), or one per conv kind such as
+      'depthwise=vmap' (`condconv_jax.strategy.parse`); results agree to
+      float rounding.
     routing: a module factory called with `num_experts=E` that maps x to [B, E]
       weights; default `Routing` (the paper's sigmoid routing).
 
@@ -139,9 +141,7 @@ class CondConv(nn.Module):
     if not isinstance(self.num_experts, int) or self.num_experts < 1:
       raise ValueError(f'num_experts must be an int >= 1, got '
                        f'{self.num_experts!r}.')
-    if self.strategy not in strategy_lib.STRATEGIES:
-      raise ValueError(f'strategy must be one of {strategy_lib.STRATEGIES}, '
-                       f'got {self.strategy!r}.')
+    strategy_lib.parse(self.strategy)  # ValueError for a bad spec
     _check_rank4(x, 'CondConv')
     groups = self.feature_group_count
     in_features = x.shape[-1]

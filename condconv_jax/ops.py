@@ -463,14 +463,13 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
     bias: optional [E, Cout] expert biases, mixed with the same weights.
     strides, padding, input_dilation, kernel_dilation, feature_group_count:
       as in `flax.linen.Conv` ('SAME' is TensorFlow's SAME).
-    strategy: one of `STRATEGIES` (see the module doc).
+    strategy: one of `STRATEGIES` (see the module doc), or per conv kind
+      with 'auto' for the rest, e.g. 'depthwise=vmap' (`strategy.parse`).
     precision: passed to the matmuls and convolutions.
   Returns:
     [B, Ho, Wo, Cout].
   """
-  if strategy not in strategy_lib.STRATEGIES:
-    raise ValueError(f'strategy must be one of {strategy_lib.STRATEGIES}, got '
-                     f'{strategy!r}.')
+  strategy_lib.parse(strategy)  # a bad spec fails before any shape check
   if experts.ndim != 5:
     raise ValueError(f'experts must be [num_experts, kh, kw, Cin/g, Cout] '
                      f'(rank 5), got shape {experts.shape}.')
@@ -491,9 +490,8 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
     raise ValueError(f'input spatial size {geom.in_spatial} is too small for '
                      f'kernel {geom.kernel_size} with padding {geom.padding} '
                      f'and kernel_dilation {geom.kernel_dilation}.')
-  if strategy == 'auto':
-    strategy = strategy_lib.choose(geom, batch, num_experts,
-                                   jax.default_backend())
+  strategy = strategy_lib.resolve(strategy, geom, batch, num_experts,
+                                 jax.default_backend())
   with jax.named_scope(f'conditional_conv_{strategy}'):
     out = _STRATEGY_FNS[strategy](x, experts, routing_weights, geom, precision)
   if bias is not None:
@@ -520,9 +518,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=1,
   if implementation == 'auto':
     implementation = strategy_lib.depthwise_implementation(
         jax.default_backend())
-  if implementation == 'xla':
-    return static_conv(x, kernel, geom, precision)
-  if implementation == 'shifted':
+  if implementation not in ('xla', 'shifted'):
+    raise ValueError(f"implementation must be 'auto', 'xla' or 'shifted', got "
+                     f'{implementation!r}.')
+  with jax.named_scope(f'static_conv_{implementation}'):  # names it in profiles
+    if implementation == 'xla':
+      return static_conv(x, kernel, geom, precision)
     return shifted_depthwise_conv(x, kernel[None], geom)
-  raise ValueError(f"implementation must be 'auto', 'xla' or 'shifted', got "
-                   f'{implementation!r}.')

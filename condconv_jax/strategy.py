@@ -35,6 +35,16 @@ forward and forward+backward:
 - "experts" in general does E convolutions' worth of work (7-123x here) and
   never wins for E > 1 except on the 1x1 input above; it is there for
   runtimes that accept only constant weights.
+
+Whole models on the H200 (`benchmarks/profile_step.py`, README) found what
+the layer table cannot: XLA:GPU fuses the "direct" depthwise form's shifted
+multiply-adds into the reduction that follows (squeeze-excite pooling,
+batch-norm gradients) and runs that fusion 4-10x slower than cuDNN's
+depthwise conv plus the reduction, most of CC-EfficientNet-B0's GPU gap.
+"depthwise=vmap" (cuDNN grouped convs, which nothing can fuse into) is the
+candidate; the rule changes when a GPU run measures it (`PARTS=b0_depthwise
+benchmarks/gpu_bench.sh`). A spec such as 'depthwise=vmap' overrides the
+rule per conv kind (`parse`).
 """
 
 from __future__ import annotations
@@ -42,16 +52,79 @@ from __future__ import annotations
 from condconv_jax.geometry import ConvGeometry
 
 STRATEGIES = ('auto', 'vmap', 'experts', 'direct', 'loop')
+# What `conv_kind` calls a conv; a strategy spec can name one per kind.
+CONV_KINDS = ('classifier', 'pointwise', 'depthwise', 'grouped', 'kxk')
+
+
+def conv_kind(geom: ConvGeometry) -> str:
+  """'classifier' (ungrouped 1x1 with a 1x1 output), 'pointwise' (other
+  ungrouped 1x1), 'depthwise', 'grouped' (other grouped convs) or 'kxk'."""
+  if geom.is_depthwise:
+    return 'depthwise'
+  if geom.feature_group_count > 1:
+    return 'grouped'
+  if geom.is_pointwise:
+    return 'classifier' if geom.out_spatial == (1, 1) else 'pointwise'
+  return 'kxk'
+
+
+def parse(spec: str) -> tuple[str, dict[str, str]]:
+  """A strategy spec -> (default strategy, {conv kind: strategy}).
+
+  A spec is one of `STRATEGIES` ('auto', 'direct', ...) for every conv, or
+  comma-separated overrides per conv kind with an optional default first:
+  'depthwise=vmap' (auto for the other kinds), 'direct,kxk=loop'. A string,
+  so that a config file or a command line can carry it. Raises ValueError
+  naming what is wrong.
+  """
+  hint = (f' A strategy can also be named per conv kind ({", ".join(CONV_KINDS)}'
+          "), e.g. 'depthwise=vmap' or 'direct,kxk=loop'.")
+  if not isinstance(spec, str):
+    raise ValueError(f'strategy must be a string; got {spec!r}.{hint}')
+  default, overrides = 'auto', {}
+  for position, item in enumerate(part.strip() for part in spec.split(',')):
+    if not item:
+      raise ValueError(f'strategy {spec!r} has an empty item: separate items '
+                       f'with single commas.{hint}')
+    kind, equals, name = (part.strip() for part in item.partition('='))
+    if not equals:
+      kind, name = None, kind
+    if name not in STRATEGIES:
+      where = '' if name == spec else f' in {spec!r}'
+      raise ValueError(f'strategy must be one of '
+                       f'{", ".join(repr(s) for s in STRATEGIES)}; got '
+                       f'{name!r}{where}.{hint}')
+    if kind is None:
+      if position:
+        raise ValueError(f'strategy {spec!r}: the default ({name!r}) must '
+                         "come first, e.g. 'direct,kxk=loop'.")
+      default = name
+    elif kind not in CONV_KINDS:
+      raise ValueError(f'strategy {spec!r}: unknown conv kind {kind!r}; the '
+                       f'kinds are {", ".join(CONV_KINDS)}.')
+    elif kind in overrides:
+      raise ValueError(f'strategy {spec!r} names {kind!r} twice.')
+    else:
+      overrides[kind] = name
+  return default, overrides
+
+
+def resolve(spec: str, geom: ConvGeometry, batch: int, num_experts: int,
+            backend: str) -> str:
+  """The strategy a spec (see `parse`) runs this conv with."""
+  default, overrides = parse(spec)
+  name = overrides.get(conv_kind(geom), default)
+  return choose(geom, batch, num_experts, backend) if name == 'auto' else name
 
 
 def choose(geom: ConvGeometry, batch: int, num_experts: int,
            backend: str) -> str:
   """The strategy "auto" uses for this conv (see the module doc)."""
   del num_experts  # Measured at E=8; no E-dependent switch was found.
-  if (geom.is_pointwise and geom.feature_group_count == 1 and
-      geom.out_spatial == (1, 1)):
-    return 'experts'  # a classifier: E*Cin*Cout MACs either way, see above
-  if geom.is_pointwise or geom.is_depthwise:
+  kind = conv_kind(geom)
+  if kind == 'classifier':
+    return 'experts'  # E*Cin*Cout MACs either way, see above
+  if kind in ('pointwise', 'depthwise') or geom.is_pointwise:  # grouped 1x1
     return 'direct'
   if backend == 'cpu':
     return 'loop'

@@ -164,3 +164,23 @@ def test_routing_dropout_reaches_every_routing_function():
   for layer in (inter['sep4_dw'], inter['sep6_pw'], inter['classifier']['fc']):
     (weights,) = layer['routing']['routing_weights']
     assert np.any(np.asarray(weights) == 0), 'no routing dropout applied'
+
+
+def test_strategy_spec_per_conv_kind_through_a_model():
+  # A per-kind spec reaches the model's CondConv layers and computes the same
+  # function; a misspelled one fails at init even for a static model.
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  out, programs = {}, {}
+  for spec in ('auto', 'depthwise=vmap,pointwise=experts'):
+    model = get_model('mobilenet_v1_mini', num_experts=3, num_classes=5,
+                      strategy=spec)
+    variables = model.init(jax.random.key(1), x)
+    apply = lambda v: model.apply(v, x, train=False)  # pylint: disable=cell-var-from-loop
+    out[spec], programs[spec] = apply(variables), str(
+        jax.make_jaxpr(apply)(variables))
+  assert programs['auto'] != programs['depthwise=vmap,pointwise=experts']
+  np.testing.assert_allclose(out['auto'], out['depthwise=vmap,pointwise=experts'],
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="unknown conv kind 'dw'"):
+    get_model('mobilenet_v1_mini', num_classes=5, strategy='dw=vmap').init(
+        jax.random.key(1), x)

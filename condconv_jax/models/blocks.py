@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from condconv_jax import ops
+from condconv_jax import strategy as strategy_lib
 from condconv_jax.choices import check_choice
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
-from condconv_jax.strategy import STRATEGIES
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'relu': nn.relu,
@@ -210,7 +210,7 @@ class ConvNet(nn.Module):
     # builds a CondConv, so a misspelled strategy would pass unnoticed.
     activation_fn(self.activation)
     check_choice('padding', self.padding, PADDINGS)
-    check_choice('strategy', self.strategy, STRATEGIES)
+    strategy_lib.parse(self.strategy)
     return (ConvFactory(self.num_experts, self.padding, self.dtype,
                         self.strategy, self.routing_dropout),
             NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype))
