@@ -124,7 +124,7 @@ def choose(geom: ConvGeometry, batch: int, num_experts: int,
   kind = conv_kind(geom)
   if kind == 'classifier':
     return 'experts'  # E*Cin*Cout MACs either way, see above
-  if kind in ('pointwise', 'depthwise') or geom.is_pointwise:  # grouped 1x1
+  if kind == 'depthwise' or geom.is_pointwise:  # any other 1x1, grouped too
     return 'direct'
   if backend == 'cpu':
     return 'loop'

@@ -154,12 +154,16 @@ def test_static_form_rule():
   assert form(1, 1, backend='gpu') == form(3, 8, backend='tpu') == 'xla'
 
 
+def _geom(size, kernel, groups=1, batch=8, strides=1):
+  return conv_geometry((batch, size, size, 8),
+                       (kernel, kernel, 8 // groups, 8), strides=strides,
+                       feature_group_count=groups)
+
+
 def test_auto_rule():
   def auto(size, kernel, groups=1, backend='cpu', batch=8, strides=1):
-    geom = conv_geometry((batch, size, size, 8),
-                         (kernel, kernel, 8 // groups, 8), strides=strides,
-                         feature_group_count=groups)
-    return strategy.choose(geom, batch, 8, backend)
+    return strategy.choose(_geom(size, kernel, groups, batch, strides), batch,
+                           8, backend)
   # A classifier (1x1 output) takes the experts form on every backend.
   for backend in ('cpu', 'gpu', 'tpu'):
     assert auto(1, 1, backend=backend) == 'experts'
@@ -168,14 +172,10 @@ def test_auto_rule():
   assert auto(1, 1, groups=2) == 'direct'  # grouped 1x1: no experts form
   assert auto(7, 3, groups=8) == auto(7, 3, groups=8, backend='gpu') == 'direct'
   assert auto(7, 3) == auto(7, 3, batch=1) == 'loop'
+  assert auto(7, 3, groups=2) == 'loop'  # grouped k x k: like any k x k
+  assert auto(7, 3, groups=2, backend='gpu') == 'direct'
   assert auto(7, 3, backend='gpu') == 'direct'
   assert auto(7, 3, backend='gpu', batch=1) == 'vmap'
-
-
-def _geom(size, kernel, groups=1, batch=8):
-  return conv_geometry((batch, size, size, 8),
-                       (kernel, kernel, 8 // groups, 8),
-                       feature_group_count=groups)
 
 
 def test_conv_kinds():
