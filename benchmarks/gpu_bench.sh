@@ -2,19 +2,21 @@
 # The README's GPU benchmarks, on one NVIDIA GPU machine whose python3 has
 # JAX (CUDA), flax, optax, PyTorch and timm:
 #
-#   OUT=/some/folder PARTS="b0_depthwise float32" benchmarks/gpu_bench.sh
+#   OUT=/some/folder PARTS="b0_depthwise" benchmarks/gpu_bench.sh
 #
-# PARTS (default: all of them, ~20 minutes on an H200, more than one lent
-# session's 15): bf16_128 (ResNet-50 with a vmap twin, EfficientNet-B0:
-# the README's table), b0_depthwise (EfficientNet-B0 with its depthwise
-# CondConv layers as cuDNN grouped convs, 'depthwise=vmap', against auto),
-# float32, bf16_256, layers (the 1x1, depthwise and 3x3 layer rows) and
-# host_cpu (the second-CPU layer table, on two host cores).
+# PARTS (default: all of them, far more than one lent session's 15 minutes):
+# b0_depthwise (CC-EfficientNet-B0 with its depthwise CondConv layers in the
+# candidate forms of depthwise_variants.py), bf16_128 (ResNet-50 with a vmap
+# twin, EfficientNet-B0: the README's table), float32, bf16_256, layers (the
+# 1x1, depthwise and 3x3 layer rows) and host_cpu (the second-CPU layer
+# table, on two host cores).
 # One file per run in $OUT (default /tmp/gpu_bench); every run has its own
-# timeout, so a slow or failing one leaves the others' files. Compiling a
-# model's steps takes 30-150 s there, far longer than timing them, so each
-# part compiles its variants first into a persistent cache, at most four at
-# a time (eight at once took 331 s, against 110 s for four).
+# timeout, so a slow or failing one leaves the others' files. Compiling is
+# most of the time: on the H200 machine one EfficientNet-B0 variant (bf16,
+# batch 128) took 38-103 s alone, and four side by side 119-151 s each, one
+# over 220 s: they autotune side by side on the one GPU. So every variant
+# compiles in the process that times it, one after another, into a
+# persistent cache ($CACHE) that a second call on the same machine reuses.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
@@ -30,12 +32,9 @@ pin() {  # cores command...: run pinned to cores, where taskset exists
   if command -v taskset >/dev/null; then taskset -c "$cores" "$@"; else "$@"; fi
 }
 
-models() {  # name compile_timeout time_timeout args...: to $OUT/name.md
-  local name=$1 compile_limit=$2 time_limit=$3; shift 3
-  pin $GPU_CORES timeout "$compile_limit" "$PY" benchmarks/model_bench.py \
-      --compile-only --compile-jobs 4 --cache-dir "$CACHE" "$@" \
-      >"$OUT/$name.compile.txt" 2>&1
-  pin $GPU_CORES timeout "$time_limit" "$PY" benchmarks/model_bench.py \
+models() {  # name timeout args...: to $OUT/name.md
+  local name=$1 limit=$2; shift 2
+  pin $GPU_CORES timeout "$limit" "$PY" benchmarks/model_bench.py \
       --steps 10 --processes 1 --cache-dir "$CACHE" "$@" >"$OUT/$name.md" 2>&1
 }
 
@@ -61,19 +60,20 @@ fi
 for part in $PARTS; do
   case $part in
     host_cpu) ;;  # started above
-    bf16_128)
-      models resnet50_bf16_128 200 100 --models resnet50 --batch 128 \
-          --dtype bfloat16 --cc-strategies auto vmap
-      models b0_bf16_128 200 100 --models efficientnet_b0 --batch 128 \
-          --dtype bfloat16 ;;
     b0_depthwise)
-      models b0_depthwise_bf16_128 200 100 --models efficientnet_b0 \
-          --batch 128 --dtype bfloat16 --cc-strategies auto depthwise=vmap ;;
+      pin $GPU_CORES timeout 560 "$PY" benchmarks/depthwise_variants.py \
+          --variants static auto depthwise=vmap barrier barrier_xla_dk \
+          --cache-dir "$CACHE" >"$OUT/b0_depthwise_bf16_128.md" 2>&1 ;;
+    bf16_128)
+      models resnet50_bf16_128 400 --models resnet50 --batch 128 \
+          --dtype bfloat16 --cc-strategies auto vmap
+      models b0_bf16_128 300 --models efficientnet_b0 --batch 128 \
+          --dtype bfloat16 ;;
     float32)
-      models float32_128 260 200 --models resnet50 efficientnet_b0 \
-          --batch 128 --dtype float32 ;;
+      models float32_128 560 --models resnet50 efficientnet_b0 --batch 128 \
+          --dtype float32 ;;
     bf16_256)
-      models bf16_256 260 200 --models resnet50 efficientnet_b0 --batch 256 \
+      models bf16_256 560 --models resnet50 efficientnet_b0 --batch 256 \
           --dtype bfloat16 ;;
     layers)
       layers layers_bf16 80 --cases pw512 pw1024

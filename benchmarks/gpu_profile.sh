@@ -7,8 +7,9 @@
 #   python benchmarks/profile_step.py --mode train infer \
 #       --load /some/folder/profiles/resnet50
 #
-# The variants compile first, in parallel, into a persistent cache (minutes
-# on a GPU), so the profiled processes only load them.
+# Each variant compiles in the process that profiles it (minutes on a GPU;
+# compiles side by side autotune side by side on the one device), into a
+# persistent cache that a second call on the same machine reuses.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_profile}
@@ -22,10 +23,8 @@ SETTINGS="--batch ${BATCH:-128} --dtype ${DTYPE:-bfloat16}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     >"$OUT/machine.txt" 2>&1
-timeout 260 "$PY" benchmarks/model_bench.py --compile-only --compile-jobs 4 \
-    --cache-dir "$CACHE" $SETTINGS --models $MODELS >"$OUT/compile.txt" 2>&1
 for model in $MODELS; do
-  timeout 150 "$PY" benchmarks/profile_step.py --model "$model" $SETTINGS \
+  timeout 400 "$PY" benchmarks/profile_step.py --model "$model" $SETTINGS \
       --mode train infer --cache-dir "$CACHE" --top 30 \
       --save "$PROFILES/profiles/$model" >"$OUT/profile_$model.txt" 2>&1
 done

@@ -3,7 +3,7 @@
     python benchmarks/model_bench.py                    # the README table
     python benchmarks/model_bench.py --models resnet50 --batch 8
     python benchmarks/model_bench.py --dtype bfloat16 float32 --batch 128 \
-        --steps 10 --processes 1 --compile-jobs 8     # on a GPU
+        --steps 10 --processes 1 --cache-dir /tmp/jax_cache  # on a GPU
 
 For every paper model it runs one process per model (--processes times) in
 which four things alternate, step by step: the JAX static model, its
@@ -16,9 +16,10 @@ per extra strategy. `--dtype bfloat16` computes in bfloat16 with float32
 parameters (flax `dtype=`; PyTorch under autocast, channels-last on GPU).
 
 On a GPU (`jax.default_backend() == 'gpu'`) the peers run on CUDA.
-`--compile-jobs N` first compiles every JAX step in N parallel processes
-into a persistent compilation cache, then times one model per process as
-usual: compiling a model takes longer there than timing it. The JAX train
+Compiling a model takes longer there than timing it (38-103 s for one
+EfficientNet-B0 variant on the H200): `--cache-dir` keeps the compiled steps
+for the next run. Compiles in parallel processes would autotune side by side
+on the one GPU (four at once took 119-151 s each there). The JAX train
 column's memory is XLA's own account of the compiled training step
 (arguments + outputs - donated + temporaries).
 
@@ -44,7 +45,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -312,10 +312,10 @@ def markdown(results: dict, cc_strategies) -> str:
   return '\n'.join(lines)
 
 
-def child_command(name, batch, dtype, args, *flags):
+def child_command(name, batch, dtype, args):
   return [sys.executable, __file__, '--one', name, '--batch', str(batch),
           '--dtype', dtype, '--steps', str(args.steps), '--cache-dir',
-          args.cache_dir or '', '--cc-strategies', *args.cc_strategies, *flags]
+          args.cache_dir or '', '--cc-strategies', *args.cc_strategies]
 
 
 def run_child(command, config) -> str | None:
@@ -327,24 +327,6 @@ def run_child(command, config) -> str | None:
           ' | '.join(done.stderr.strip().splitlines()[-3:]), flush=True)
     return None
   return done.stdout
-
-
-def compile_all(configs, args):
-  """Fills the persistent compilation cache: one process per model variant,
-  --compile-jobs at a time."""
-  from concurrent.futures import ThreadPoolExecutor
-  start = time.perf_counter()
-  jobs = [(config, variant) for config in configs
-          for variant in ('static', *args.cc_strategies)]
-  def one(job):
-    config, variant = job
-    run_child(child_command(*config, args, '--compile-only', variant),
-              (*config, variant))
-  with ThreadPoolExecutor(args.compile_jobs) as pool:
-    list(pool.map(one, jobs))
-  print(f'# compiled {len(jobs)} model variants in '
-        f'{time.perf_counter() - start:.0f} s ({args.compile_jobs} jobs)',
-        flush=True)
 
 
 def main():
@@ -361,14 +343,8 @@ def main():
                       help='timed steps of each kind per process')
   parser.add_argument('--processes', type=int, default=2,
                       help='processes per model; cells are the best over all')
-  parser.add_argument('--compile-jobs', type=int, default=0,
-                      help='compile every step first, this many at a time')
   parser.add_argument('--cache-dir', default=None,
-                      help='persistent compilation cache (default with '
-                      '--compile-jobs: a temporary folder)')
-  parser.add_argument('--compile-only', nargs='?', const='all',
-                      default=None, help='with --compile-jobs and --cache-dir:'
-                      ' only fill the cache')
+                      help='persistent compilation cache to read and fill')
   parser.add_argument('--one', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   from condconv_jax import strategy as strategy_lib
@@ -379,10 +355,6 @@ def main():
   if specs[0] != ('auto', {}):
     parser.error('--cc-strategies must start with auto (the CondConv column)')
   args.cc_strategies[0] = 'auto'
-  if args.compile_only and not args.one and not (args.compile_jobs and
-                                                 args.cache_dir):
-    parser.error('--compile-only needs --compile-jobs N and --cache-dir DIR '
-                 '(the cache a later run reads)')
 
   # JAX and PyTorch share an accelerator, and the parent must not hold its
   # memory while the children run: JAX allocates as it goes.
@@ -392,11 +364,7 @@ def main():
 
   if args.one:  # a child: one model, JSON on the last line
     use_compilation_cache(args.cache_dir)
-    entry, = (ENTRIES[args.one],)
-    if args.compile_only:  # names the variant to compile
-      jax_runners(entry, args.batch[0], args.dtype[0], [args.compile_only])
-      return
-    result = run_model(entry, args.batch[0], args.steps, args.dtype[0],
+    result = run_model(ENTRIES[args.one], args.batch[0], args.steps, args.dtype[0],
                        args.cc_strategies)
     print(json.dumps(result))
     return
@@ -409,13 +377,7 @@ def main():
         f'{os.environ.get("XLA_FLAGS", "")!r}', flush=True)
   configs = [(name, batch, dtype) for dtype in args.dtype
              for batch in args.batch for name in args.models]
-  with tempfile.TemporaryDirectory(prefix='jax_cache_') as scratch:
-    if args.compile_jobs:
-      args.cache_dir = args.cache_dir or scratch
-      compile_all(configs, args)
-      if args.compile_only:
-        return
-    time_all(configs, args)
+  time_all(configs, args)
 
 
 def time_all(configs, args):

@@ -1,12 +1,21 @@
-"""The profile attribution of benchmarks/profile_step.py (pure functions)."""
+"""The benchmarks' own logic: profile_step.py's attribution (pure
+functions), model_bench.py's argument checks, depthwise_variants.py's forms."""
 
 import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import condconv_jax
+from tests import reference
+from tests import test_ops
+
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / 'benchmarks'))
+import depthwise_variants  # pylint: disable=g-import-not-at-top
 import profile_step  # pylint: disable=g-import-not-at-top
 
 
@@ -172,3 +181,37 @@ def test_model_bench_rejects_bad_strategy_specs(specs, message):
   done = subprocess.run([sys.executable, str(script), '--cc-strategies',
                          *specs], capture_output=True, text=True, timeout=120)
   assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.parametrize('variant', sorted(depthwise_variants.CANDIDATES))
+@pytest.mark.parametrize('case', [c for c in test_ops.CASES
+                                  if c[0] in ('depthwise',
+                                              'depthwise mult2 stride2')],
+                         ids=lambda c: c[0])
+def test_depthwise_candidates_match_float64_reference(variant, case):
+  # Each candidate form, through the CondConv op while it stands in, against
+  # the float64 loops: value and every gradient.
+  x, experts, routing, bias, kwargs, conv = test_ops.make_case(case)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  layer = lambda *args: condconv_jax.conditional_conv(*args, strategy='direct',
+                                                      **kwargs)
+  dy = np.random.default_rng(1).standard_normal(
+      reference.mixture_of_experts(conv, x, experts, routing, bias).shape)
+  loss = lambda *args: jnp.vdot(layer(*args), f32(dy))
+  args = (f32(x), f32(experts), f32(routing), f32(bias))
+  with depthwise_variants.depthwise_form(variant):
+    # The candidate, not the library's form, is what got traced.
+    assert 'optimization_barrier' in str(jax.make_jaxpr(
+        jax.grad(loss, argnums=(0, 1)))(*args))
+    y = jax.jit(layer)(*args)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+  assert test_ops.rel_err(y, reference.mixture_of_experts(
+      conv, x, experts, routing, bias)) <= 1e-5
+  for name, got, want in zip(('x', 'experts', 'routing', 'bias'), grads,
+                             reference.mixture_of_experts_vjp(
+                                 conv, x, experts, routing, bias, dy)):
+    assert test_ops.rel_err(got, want) <= 1e-5, name
+  # Outside the context the library's form is back (a new function: JAX
+  # caches what it traced per function).
+  assert 'optimization_barrier' not in str(jax.make_jaxpr(
+      lambda *a: layer(*a))(*args))

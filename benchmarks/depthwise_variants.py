@@ -1,0 +1,187 @@
+"""CC-EfficientNet-B0 with its per-example depthwise convs in candidate forms.
+
+    python benchmarks/depthwise_variants.py                 # on a GPU
+    python benchmarks/depthwise_variants.py --variants static auto barrier \
+        --batch 8 --dtype float32 --steps 3                 # a CPU smoke run
+
+The README's GPU profile puts CC-EfficientNet-B0's whole gap to its static
+twin in the per-example depthwise conv (`direct`: k*k shifted multiply-adds):
+XLA:GPU fuses the taps into the reductions that consume them (the
+squeeze-excite pooling, the batch-norm gradient), and the kernel gradient
+runs as one reduction per tap. This times, in one process, alternating, best
+of --steps, training step and inference:
+
+  static            the static model
+  auto              the CondConv twin as the library builds it
+  depthwise=vmap    its depthwise CondConv layers as XLA's grouped conv
+                    (cuDNN on a GPU; a strategy spec, nothing replaced)
+  barrier           the shifted form, its output and its input gradient
+                    materialized (`lax.optimization_barrier`) so that no
+                    consumer fuses the taps in
+  barrier_one_pass  the same, kernel gradient as one reduction over the
+                    stacked taps
+  barrier_xla_dk    the same, kernel gradient by XLA's conv (cuDNN's
+                    backward-filter on a GPU)
+
+The candidates live here, not in the library: each stands in for
+`ops.shifted_depthwise_conv` on per-example kernels while its twin is traced
+(static depthwise convs are untouched); tests/test_benchmarks.py checks their
+values and gradients against XLA's conv. XLA:CPU removes optimization
+barriers before it fuses, so on CPU `barrier` computes what `auto` does.
+Variants compile one after another: on a GPU, compiles running side by side
+also autotune side by side on the one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+from jax import lax
+
+import model_bench
+from condconv_jax import ops
+
+
+def xla_per_example(x, kernels, geom):
+  """Reference and `xla` kernel gradient: vmap of XLA's depthwise conv."""
+  one = lambda xb, kb: ops.static_conv(xb[None], kb, geom)[0]
+  return jax.vmap(one)(x, kernels)
+
+
+def _one_pass_kernel_grad(x, kernels, geom, cotangent):
+  acc = jnp.promote_types(cotangent.dtype, jnp.float32)
+  multiplier = geom.out_features // geom.in_features
+  taps = jnp.stack([jnp.repeat(tap, multiplier, axis=-1)
+                    for _, _, tap in ops.kernel_taps(x, geom)], axis=1)
+  grad = jnp.sum(taps.astype(acc) * cotangent.astype(acc)[:, None],
+                 axis=(2, 3))
+  return grad.reshape(kernels.shape).astype(kernels.dtype)
+
+
+def materialized_shifted(kernel_grad: str):
+  """The shifted form behind optimization barriers; kernel_grad: 'taps' (the
+  library's), 'one_pass' or 'xla'."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def conv(x, kernels, geom):
+    return forward(x, kernels, geom)[0]
+
+  def forward(x, kernels, geom):
+    out = ops._shifted_depthwise_forward(x, kernels, geom)  # pylint: disable=protected-access
+    return lax.optimization_barrier(out), (x, kernels)
+
+  def backward(geom, residuals, cotangent):
+    x, kernels = residuals
+    dx, d_kernels = ops._shifted_depthwise_backward(geom, residuals, cotangent)  # pylint: disable=protected-access
+    if kernel_grad == 'one_pass':
+      d_kernels = _one_pass_kernel_grad(x, kernels, geom, cotangent)
+    elif kernel_grad == 'xla':
+      _, pullback = jax.vjp(lambda k: xla_per_example(x, k, geom), kernels)
+      d_kernels, = pullback(cotangent)
+    return lax.optimization_barrier(dx), d_kernels
+
+  conv.defvjp(forward, backward)
+  return conv
+
+
+CANDIDATES = {
+    'barrier': materialized_shifted('taps'),
+    'barrier_one_pass': materialized_shifted('one_pass'),
+    'barrier_xla_dk': materialized_shifted('xla'),
+}
+VARIANTS = ('static', 'auto', 'depthwise=vmap', *CANDIDATES)
+
+
+@contextlib.contextmanager
+def depthwise_form(variant: str):
+  """Per-example depthwise convs traced inside take the variant's form."""
+  original = ops.shifted_depthwise_conv
+  candidate = CANDIDATES.get(variant)
+
+  def shifted(x, kernels, geom):
+    per_example = kernels.shape[0] == x.shape[0] > 1
+    if candidate is None or not per_example or geom.input_dilation != (1, 1):
+      return original(x, kernels, geom)
+    return candidate(x, kernels, geom)
+
+  ops.shifted_depthwise_conv = shifted
+  try:
+    yield
+  finally:
+    ops.shifted_depthwise_conv = original
+
+
+def runner(variant: str, batch: int, dtype: str, experts: int):
+  entry = model_bench.ENTRIES['efficientnet_b0']
+  strategy = 'depthwise=vmap' if variant == 'depthwise=vmap' else 'auto'
+  with depthwise_form(variant):
+    return model_bench.jax_runner(entry, 0 if variant == 'static' else experts,
+                                  batch, dtype, strategy)
+
+
+def time_steps(runners: dict, steps: int, best: dict):
+  """Alternates the runners' steps; best[variant, mode] = fastest seconds."""
+  for _ in range(steps):
+    for variant, run in runners.items():
+      for mode, step in (('train', run.train_step), ('infer', run.infer_step)):
+        start = time.perf_counter()
+        step()
+        best[variant, mode] = min(best.get((variant, mode), float('inf')),
+                                  time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--variants', nargs='+', default=list(VARIANTS),
+                      choices=VARIANTS)
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--dtype', default='bfloat16', choices=model_bench.DTYPES)
+  parser.add_argument('--experts', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--cache-dir', default=None,
+                      help='persistent compilation cache to read and fill')
+  args = parser.parse_args()
+  from condconv_jax import cpu_setup
+  cpu_setup.use_tcmalloc()
+  model_bench.use_compilation_cache(args.cache_dir)
+  print(f'# {model_bench.machine()}; jax {jax.__version__} '
+        f'({jax.devices()[0].device_kind}); EfficientNet-B0, batch '
+        f'{args.batch}, {args.dtype}, {args.experts} experts, best of '
+        f'{args.steps}', flush=True)
+  runners = {}
+  best = {}
+  for variant in args.variants:
+    start = time.perf_counter()
+    runners[variant] = runner(variant, args.batch, args.dtype, args.experts)
+    built = time.perf_counter() - start
+    # Warm-up, and this variant's figure should the time limit cut the rest.
+    time_steps({variant: runners[variant]}, 3, best)
+    memory = runners[variant].train_memory
+    print(f'# {variant}: built in {built:.0f} s, train GiB '
+          f'{memory / 2**30 if memory else float("nan"):.1f}, alone: train '
+          f'{best[variant, "train"] * 1e3:.2f} ms, infer '
+          f'{best[variant, "infer"] * 1e3:.2f} ms', flush=True)
+  best = {}
+  time_steps(runners, args.steps, best)
+  print('| variant | train ms | infer ms | train: static/this | infer: '
+        'static/this | train: auto/this | infer: auto/this |')
+  print('|---|---:|---:|---:|---:|---:|---:|')
+  for variant in runners:
+    cells = [f'{best[variant, m] * 1e3:.2f}' for m in ('train', 'infer')]
+    for reference in ('static', 'auto'):
+      cells += [model_bench.ratio(best[reference, m], best[variant, m])
+                if reference in runners else '–' for m in ('train', 'infer')]
+    print(f'| {variant} | ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()
