@@ -1,8 +1,8 @@
 """CC-EfficientNet-B0 with its per-example depthwise convs in candidate forms.
 
     python benchmarks/depthwise_variants.py                 # on a GPU
-    python benchmarks/depthwise_variants.py --variants static auto barrier \
-        --batch 8 --dtype float32 --steps 3                 # a CPU smoke run
+    python benchmarks/depthwise_variants.py --variants static auto \
+        barrier_taps_dk --batch 8 --dtype float32 --steps 3  # CPU smoke run
 
 The README's GPU profile puts CC-EfficientNet-B0's whole gap to its static
 twin in the per-example depthwise conv (`direct`: k*k shifted multiply-adds):
@@ -15,19 +15,22 @@ of --steps, training step and inference:
   auto              the CondConv twin as the library builds it
   depthwise=vmap    its depthwise CondConv layers as XLA's grouped conv
                     (cuDNN on a GPU; a strategy spec, nothing replaced)
-  barrier           the shifted form, its output and its input gradient
-                    materialized (`lax.optimization_barrier`) so that no
-                    consumer fuses the taps in
-  barrier_one_pass  the same, kernel gradient as one reduction over the
+  barrier_taps_dk   the shifted form with its output, the incoming
+                    gradient and its input gradient materialized
+                    (`lax.optimization_barrier`), so that no neighbour
+                    fuses the taps in; kernel gradient per tap, as in the
+                    library
+  barrier_one_pass_dk  the same, kernel gradient as one reduction over the
                     stacked taps
   barrier_xla_dk    the same, kernel gradient by XLA's conv (cuDNN's
                     backward-filter on a GPU)
 
 The candidates live here, not in the library: each stands in for
 `ops.shifted_depthwise_conv` on per-example kernels while its twin is traced
-(static depthwise convs are untouched); tests/test_benchmarks.py checks their
-values and gradients against XLA's conv. XLA:CPU removes optimization
-barriers before it fuses, so on CPU `barrier` computes what `auto` does.
+(static depthwise convs are untouched; the runner fails if none was
+replaced); tests/test_benchmarks.py checks their values and gradients
+against the float64 loop reference. XLA:CPU removes optimization barriers
+before it fuses, so on CPU `barrier_taps_dk` computes what `auto` does.
 Variants compile one after another: on a GPU, compiles running side by side
 also autotune side by side on the one device.
 """
@@ -53,7 +56,8 @@ from condconv_jax import ops
 
 
 def xla_per_example(x, kernels, geom):
-  """Reference and `xla` kernel gradient: vmap of XLA's depthwise conv."""
+  """vmap of XLA's depthwise conv: its pullback is the 'xla' kernel
+  gradient."""
   one = lambda xb, kb: ops.static_conv(xb[None], kb, geom)[0]
   return jax.vmap(one)(x, kernels)
 
@@ -68,9 +72,16 @@ def _one_pass_kernel_grad(x, kernels, geom, cotangent):
   return grad.reshape(kernels.shape).astype(kernels.dtype)
 
 
+KERNEL_GRADS = ('taps', 'one_pass', 'xla')
+
+
 def materialized_shifted(kernel_grad: str):
   """The shifted form behind optimization barriers; kernel_grad: 'taps' (the
   library's), 'one_pass' or 'xla'."""
+  if kernel_grad not in KERNEL_GRADS:
+    raise ValueError(f'kernel_grad must be one of {KERNEL_GRADS}, got '
+                     f'{kernel_grad!r}.')
+
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
   def conv(x, kernels, geom):
     return forward(x, kernels, geom)[0]
@@ -81,6 +92,11 @@ def materialized_shifted(kernel_grad: str):
 
   def backward(geom, residuals, cotangent):
     x, kernels = residuals
+    # Kept whole too, or the producer of the gradient (batch-norm backward)
+    # could be fused into every tap's reduction.
+    cotangent = lax.optimization_barrier(cotangent)
+    # The library's backward; with another kernel_grad, XLA drops its
+    # per-tap kernel gradient, which nothing reads.
     dx, d_kernels = ops._shifted_depthwise_backward(geom, residuals, cotangent)  # pylint: disable=protected-access
     if kernel_grad == 'one_pass':
       d_kernels = _one_pass_kernel_grad(x, kernels, geom, cotangent)
@@ -93,29 +109,31 @@ def materialized_shifted(kernel_grad: str):
   return conv
 
 
-CANDIDATES = {
-    'barrier': materialized_shifted('taps'),
-    'barrier_one_pass': materialized_shifted('one_pass'),
-    'barrier_xla_dk': materialized_shifted('xla'),
-}
+CANDIDATES = {f'barrier_{grad}_dk': materialized_shifted(grad)
+              for grad in KERNEL_GRADS}
 VARIANTS = ('static', 'auto', 'depthwise=vmap', *CANDIDATES)
 
 
 @contextlib.contextmanager
 def depthwise_form(variant: str):
-  """Per-example depthwise convs traced inside take the variant's form."""
+  """Per-example depthwise convs traced inside take the variant's form.
+
+  Yields a list that gets one entry per conv the candidate replaced.
+  """
   original = ops.shifted_depthwise_conv
   candidate = CANDIDATES.get(variant)
+  replaced = []
 
   def shifted(x, kernels, geom):
     per_example = kernels.shape[0] == x.shape[0] > 1
     if candidate is None or not per_example or geom.input_dilation != (1, 1):
       return original(x, kernels, geom)
+    replaced.append(x.shape)
     return candidate(x, kernels, geom)
 
   ops.shifted_depthwise_conv = shifted
   try:
-    yield
+    yield replaced
   finally:
     ops.shifted_depthwise_conv = original
 
@@ -123,9 +141,14 @@ def depthwise_form(variant: str):
 def runner(variant: str, batch: int, dtype: str, experts: int):
   entry = model_bench.ENTRIES['efficientnet_b0']
   strategy = 'depthwise=vmap' if variant == 'depthwise=vmap' else 'auto'
-  with depthwise_form(variant):
-    return model_bench.jax_runner(entry, 0 if variant == 'static' else experts,
-                                  batch, dtype, strategy)
+  with depthwise_form(variant) as replaced:
+    built = model_bench.jax_runner(
+        entry, 0 if variant == 'static' else experts, batch, dtype, strategy)
+  if variant in CANDIDATES and not replaced:
+    raise RuntimeError(f'{variant}: no depthwise conv of the model took the '
+                       'candidate form; the library no longer calls '
+                       'ops.shifted_depthwise_conv for them.')
+  return built
 
 
 def time_steps(runners: dict, steps: int, best: dict):

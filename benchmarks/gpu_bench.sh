@@ -4,7 +4,8 @@
 #
 #   OUT=/some/folder PARTS="b0_depthwise" benchmarks/gpu_bench.sh
 #
-# PARTS (default: all of them, far more than one lent session's 15 minutes):
+# PARTS (default: all of them, far more than one lent session's 15 minutes;
+# each part fits one 600 s command):
 # b0_depthwise (CC-EfficientNet-B0 with its depthwise CondConv layers in the
 # candidate forms of depthwise_variants.py), bf16_128 (ResNet-50 with a vmap
 # twin, EfficientNet-B0: the README's table), float32, bf16_256, layers (the
@@ -61,13 +62,15 @@ for part in $PARTS; do
   case $part in
     host_cpu) ;;  # started above
     b0_depthwise)
+      # Most telling first: each variant prints its own figures once built.
       pin $GPU_CORES timeout 560 "$PY" benchmarks/depthwise_variants.py \
-          --variants static auto depthwise=vmap barrier barrier_xla_dk \
+          --batch 128 --dtype bfloat16 --variants static auto \
+          barrier_taps_dk barrier_xla_dk depthwise=vmap barrier_one_pass_dk \
           --cache-dir "$CACHE" >"$OUT/b0_depthwise_bf16_128.md" 2>&1 ;;
     bf16_128)
-      models resnet50_bf16_128 400 --models resnet50 --batch 128 \
+      models resnet50_bf16_128 310 --models resnet50 --batch 128 \
           --dtype bfloat16 --cc-strategies auto vmap
-      models b0_bf16_128 300 --models efficientnet_b0 --batch 128 \
+      models b0_bf16_128 250 --models efficientnet_b0 --batch 128 \
           --dtype bfloat16 ;;
     float32)
       models float32_128 560 --models resnet50 efficientnet_b0 --batch 128 \

@@ -24,9 +24,10 @@ SETTINGS="--batch ${BATCH:-128} --dtype ${DTYPE:-bfloat16}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     >"$OUT/machine.txt" 2>&1
 for model in $MODELS; do
-  timeout 400 "$PY" benchmarks/profile_step.py --model "$model" $SETTINGS \
+  timeout 270 "$PY" benchmarks/profile_step.py --model "$model" $SETTINGS \
       --mode train infer --cache-dir "$CACHE" --top 30 \
       --save "$PROFILES/profiles/$model" >"$OUT/profile_$model.txt" 2>&1
+  # After each model, so a later one cut off leaves the earlier profiles.
+  tar czf "$OUT/profiles.tgz" -C "$PROFILES" profiles
 done
-tar czf "$OUT/profiles.tgz" -C "$PROFILES" profiles
 ls -l "$OUT"

@@ -364,8 +364,8 @@ def main():
 
   if args.one:  # a child: one model, JSON on the last line
     use_compilation_cache(args.cache_dir)
-    result = run_model(ENTRIES[args.one], args.batch[0], args.steps, args.dtype[0],
-                       args.cc_strategies)
+    result = run_model(ENTRIES[args.one], args.batch[0], args.steps,
+                       args.dtype[0], args.cc_strategies)
     print(json.dumps(result))
     return
 

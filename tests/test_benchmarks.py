@@ -183,11 +183,19 @@ def test_model_bench_rejects_bad_strategy_specs(specs, message):
   assert done.returncode == 2 and message in done.stderr
 
 
+# The library's depthwise cases with more than one example (the candidates
+# leave batch 1 to the library), plus EfficientNet's 5x5 stride-2 geometry.
+DEPTHWISE_CASES = [c for c in test_ops.CASES
+                   if c[0] in ('depthwise', 'depthwise mult2 stride2')] + [
+    ('depthwise 5x5 dilated valid B2', 2, (11, 10), 2, 2, (5, 5), (1, 1),
+     'VALID', 1, 2, 2, 3),
+    ('depthwise 5x5 stride2 even', 2, (8, 8), 3, 3, (5, 5), (2, 2), 'SAME',
+     1, 1, 3, 2),
+]
+
+
 @pytest.mark.parametrize('variant', sorted(depthwise_variants.CANDIDATES))
-@pytest.mark.parametrize('case', [c for c in test_ops.CASES
-                                  if c[0] in ('depthwise',
-                                              'depthwise mult2 stride2')],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize('case', DEPTHWISE_CASES, ids=lambda c: c[0])
 def test_depthwise_candidates_match_float64_reference(variant, case):
   # Each candidate form, through the CondConv op while it stands in, against
   # the float64 loops: value and every gradient.
@@ -199,10 +207,14 @@ def test_depthwise_candidates_match_float64_reference(variant, case):
       reference.mixture_of_experts(conv, x, experts, routing, bias).shape)
   loss = lambda *args: jnp.vdot(layer(*args), f32(dy))
   args = (f32(x), f32(experts), f32(routing), f32(bias))
-  with depthwise_variants.depthwise_form(variant):
-    # The candidate, not the library's form, is what got traced.
-    assert 'optimization_barrier' in str(jax.make_jaxpr(
-        jax.grad(loss, argnums=(0, 1)))(*args))
+  with depthwise_variants.depthwise_form(variant) as replaced:
+    # The candidate, not the library's form, is what got traced: barriers on
+    # the output, the incoming and the input gradient, and XLA's conv only
+    # where it computes the kernel gradient.
+    program = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(*args))
+    assert program.count('optimization_barrier') == 3
+    assert ('conv_general_dilated' in program) == variant.endswith('xla_dk')
+    assert replaced
     y = jax.jit(layer)(*args)
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
   assert test_ops.rel_err(y, reference.mixture_of_experts(
@@ -215,3 +227,8 @@ def test_depthwise_candidates_match_float64_reference(variant, case):
   # caches what it traced per function).
   assert 'optimization_barrier' not in str(jax.make_jaxpr(
       lambda *a: layer(*a))(*args))
+
+
+def test_depthwise_candidate_kernel_gradient_is_checked():
+  with pytest.raises(ValueError, match="kernel_grad must be one of"):
+    depthwise_variants.materialized_shifted('xla_dk')
