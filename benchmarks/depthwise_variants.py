@@ -55,13 +55,6 @@ import model_bench
 from condconv_jax import ops
 
 
-def xla_per_example(x, kernels, geom):
-  """vmap of XLA's depthwise conv: its pullback is the 'xla' kernel
-  gradient."""
-  one = lambda xb, kb: ops.static_conv(xb[None], kb, geom)[0]
-  return jax.vmap(one)(x, kernels)
-
-
 def _one_pass_kernel_grad(x, kernels, geom, cotangent):
   acc = jnp.promote_types(cotangent.dtype, jnp.float32)
   multiplier = geom.out_features // geom.in_features
@@ -101,7 +94,8 @@ def materialized_shifted(kernel_grad: str):
     if kernel_grad == 'one_pass':
       d_kernels = _one_pass_kernel_grad(x, kernels, geom, cotangent)
     elif kernel_grad == 'xla':
-      _, pullback = jax.vjp(lambda k: xla_per_example(x, k, geom), kernels)
+      _, pullback = jax.vjp(
+          lambda k: ops.per_example_vmap_conv(x, k, geom), kernels)
       d_kernels, = pullback(cotangent)
     return lax.optimization_barrier(dx), d_kernels
 
@@ -151,17 +145,6 @@ def runner(variant: str, batch: int, dtype: str, experts: int):
   return built
 
 
-def time_steps(runners: dict, steps: int, best: dict):
-  """Alternates the runners' steps; best[variant, mode] = fastest seconds."""
-  for _ in range(steps):
-    for variant, run in runners.items():
-      for mode, step in (('train', run.train_step), ('infer', run.infer_step)):
-        start = time.perf_counter()
-        step()
-        best[variant, mode] = min(best.get((variant, mode), float('inf')),
-                                  time.perf_counter() - start)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--variants', nargs='+', default=list(VARIANTS),
@@ -187,14 +170,14 @@ def main():
     runners[variant] = runner(variant, args.batch, args.dtype, args.experts)
     built = time.perf_counter() - start
     # Warm-up, and this variant's figure should the time limit cut the rest.
-    time_steps({variant: runners[variant]}, 3, best)
+    model_bench.time_steps({variant: runners[variant]}, 3, best)
     memory = runners[variant].train_memory
     print(f'# {variant}: built in {built:.0f} s, train GiB '
           f'{memory / 2**30 if memory else float("nan"):.1f}, alone: train '
           f'{best[variant, "train"] * 1e3:.2f} ms, infer '
           f'{best[variant, "infer"] * 1e3:.2f} ms', flush=True)
   best = {}
-  time_steps(runners, args.steps, best)
+  model_bench.time_steps(runners, args.steps, best)
   print('| variant | train ms | infer ms | train: static/this | infer: '
         'static/this | train: auto/this | infer: auto/this |')
   print('|---|---:|---:|---:|---:|---:|---:|')

@@ -226,6 +226,19 @@ def jax_runners(entry: Entry, batch: int, dtype: str, variants) -> dict:
       for variant in variants}
 
 
+def time_steps(runners: dict, steps: int, best: dict):
+  """Alternates the runners' steps, `steps` rounds; best[kind, mode] is the
+  fastest step in seconds (mode 'train' or 'infer'), kept across calls."""
+  for _ in range(steps):
+    for kind, runner in runners.items():
+      for mode, step in (('train', runner.train_step),
+                         ('infer', runner.infer_step)):
+        start = time.perf_counter()
+        step()
+        best[kind, mode] = min(best.get((kind, mode), float('inf')),
+                               time.perf_counter() - start)
+
+
 def run_model(entry: Entry, batch: int, steps: int, dtype: str,
               cc_strategies) -> dict:
   """Builds every runner of one model, warms each up, then alternates."""
@@ -238,15 +251,8 @@ def run_model(entry: Entry, batch: int, steps: int, dtype: str,
   for runner in runners.values():
     runner.train_step()  # warm up
     runner.infer_step()
-  best = {(kind, mode): float('inf') for kind in runners
-          for mode in ('train', 'infer')}
-  for _ in range(steps):
-    for kind, runner in runners.items():
-      for mode, step in (('train', runner.train_step),
-                         ('infer', runner.infer_step)):
-        start = time.perf_counter()
-        step()
-        best[kind, mode] = min(best[kind, mode], time.perf_counter() - start)
+  best = {}
+  time_steps(runners, steps, best)
   return {'times': {f'{k}/{m}': t for (k, m), t in best.items()},
           'params': {k: r.params for k, r in runners.items()},
           'memory': {k: r.train_memory for k, r in runners.items()},

@@ -373,10 +373,19 @@ def _loop_backward(geom, precision, residuals, cotangent):
 per_example_conv_loop.defvjp(_loop_forward, _loop_backward)
 
 
-def _vmap_strategy(x, experts, routing_weights, geom, precision):
-  kernels = mix_experts(routing_weights, experts, precision)
+def per_example_vmap_conv(x: jax.Array, kernels: jax.Array,
+                          geom: ConvGeometry, precision=None) -> jax.Array:
+  """XLA's conv vmapped over examples: one grouped conv with B*g groups.
+
+  x: [B, H, W, Cin], kernels: [B, kh, kw, Cin/g, Cout] -> [B, Ho, Wo, Cout].
+  """
   one = lambda xb, kb: static_conv(xb[None], kb, geom, precision)[0]
   return jax.vmap(one)(x, kernels)
+
+
+def _vmap_strategy(x, experts, routing_weights, geom, precision):
+  kernels = mix_experts(routing_weights, experts, precision)
+  return per_example_vmap_conv(x, kernels, geom, precision)
 
 
 def _experts_strategy(x, experts, routing_weights, geom, precision):

@@ -41,11 +41,11 @@ the layer table cannot: XLA:GPU fuses the "direct" depthwise form's shifted
 multiply-adds into the reduction that follows (squeeze-excite pooling,
 batch-norm gradients) and runs that fusion 4-10x slower than cuDNN's
 depthwise conv plus the reduction, most of CC-EfficientNet-B0's GPU gap.
-"depthwise=vmap" (cuDNN grouped convs, which nothing can fuse into) is one
-candidate, the shifted form kept apart from its neighbours others
-(benchmarks/depthwise_variants.py); the rule changes when a GPU run measures
-them (`PARTS=b0_depthwise benchmarks/gpu_bench.sh`). A spec such as 'depthwise=vmap' overrides the
-rule per conv kind (`parse`).
+Candidates: "depthwise=vmap" (cuDNN grouped convs, which nothing can fuse
+into) and the shifted form kept apart from its neighbours by optimization
+barriers (benchmarks/depthwise_variants.py); the rule changes when a GPU run
+measures them (`PARTS=b0_depthwise benchmarks/gpu_bench.sh`). A spec such
+as 'depthwise=vmap' overrides the rule per conv kind (`parse`).
 """
 
 from __future__ import annotations
