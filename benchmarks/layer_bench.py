@@ -5,7 +5,8 @@
 
 For each layer shape and batch it times, forward and forward+backward, the
 fastest static conv of the same shape (lax.conv, and for 1x1 one matmul, for
-depthwise the shifted multiply-add form) and the full CondConv layer (routing
+depthwise the shifted multiply-add form, for k x k lax.conv with an im2col
+kernel gradient) and the full CondConv layer (routing
 + conditional conv) with each strategy, and prints time / static time. The MAC
 column is the arithmetic floor: (conv + kernel mixing + routing) / conv.
 The auto column repeats the cell of the strategy auto picks (the same
@@ -84,6 +85,9 @@ def static_variants(case: Case, geom):
   if case.groups > 1:
     variants['shifted'] = (
         lambda x, k: ops.shifted_depthwise_conv(x, k[None], geom))
+  if case.kernel > 1 and case.groups == 1:
+    variants['im2col_grad'] = (
+        lambda x, k: ops.im2col_grad_conv(x, k, geom))
   return variants
 
 

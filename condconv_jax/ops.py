@@ -22,8 +22,9 @@ is laid out for the hardware (see `strategy.py` for the measured choice):
 - "auto":    picks one of the above from the conv's shape and the backend.
 
 Static convs: `conv_general_dilated` is a drop-in for lax's that computes a
-1x1 conv as one matmul and a depthwise conv in the shifted form on CPU, where
-XLA's own conv backward is slow; the models pass it to nn.Conv.
+1x1 conv as one matmul, a depthwise conv in the shifted form and a large
+k x k conv's kernel gradient as an im2col matmul on CPU, where XLA's own
+conv backward is slow; the models pass it to nn.Conv.
 
 Shapes: x [B, H, W, Cin] (NHWC); experts [E, kh, kw, Cin/g, Cout];
 routing_weights [B, E]; bias [E, Cout].
@@ -85,6 +86,39 @@ def pointwise_matmul_conv(x: jax.Array, kernel: jax.Array, geom: ConvGeometry,
   return out.reshape(batch, out_h, out_w, kernel.shape[-1])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def im2col_grad_conv(x: jax.Array, kernel: jax.Array, geom: ConvGeometry,
+                     precision=None) -> jax.Array:
+  """XLA's conv and input gradient, with the kernel gradient as one matmul.
+
+  x: [B, H, W, Cin], kernel: [kh, kw, Cin, Cout] (one group). The kernel
+  gradient is [kh*kw*Cin, B*Ho*Wo] @ [B*Ho*Wo, Cout] over im2col patches
+  (recomputed from x in the backward, a kh*kw-times-larger buffer) instead
+  of XLA:CPU's, which runs that B*Ho*Wo-long reduction as a conv window and
+  takes 2-4x longer once it is long (`strategy.static_form`).
+  """
+  return static_conv(x, kernel, geom, precision)
+
+
+def _im2col_grad_forward(x, kernel, geom, precision):
+  return static_conv(x, kernel, geom, precision), (x, kernel)
+
+
+def _im2col_grad_backward(geom, precision, residuals, cotangent):
+  x, kernel = residuals
+  _, input_pullback = jax.vjp(
+      lambda x_: static_conv(x_, kernel, geom, precision), x)
+  (dx,) = input_pullback(cotangent)  # XLA drops it where x needs none
+  patches = _patches(x, geom)
+  d_kernel = jnp.matmul(patches.reshape(-1, patches.shape[-1]).T,
+                        cotangent.reshape(-1, cotangent.shape[-1]),
+                        precision=precision)
+  return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+im2col_grad_conv.defvjp(_im2col_grad_forward, _im2col_grad_backward)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1,
@@ -93,7 +127,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
   Same signature and result; for 2-D NHWC/HWIO convs it computes the form
   `strategy.static_form` picks (a matmul for 1x1, shifted multiply-adds for
-  depthwise, else XLA's conv). Pass it as `nn.Conv(conv_general_dilated=...)`:
+  depthwise, XLA's conv with an im2col kernel gradient for large k x k,
+  else XLA's conv). Pass it as `nn.Conv(conv_general_dilated=...)`:
   the module, its parameters and its initialization stay nn.Conv's.
   """
   fallback = functools.partial(
@@ -112,12 +147,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                        padding=padding, input_dilation=lhs_dilation or 1,
                        kernel_dilation=rhs_dilation or 1,
                        feature_group_count=feature_group_count)
-  form = strategy_lib.static_form(geom, jax.default_backend())
+  form = strategy_lib.static_form(geom, jax.default_backend(), lhs.shape[0])
   with jax.named_scope(f'static_conv_{form}'):  # names the ops in profiles
     if form == 'matmul':
       return pointwise_matmul_conv(lhs, rhs, geom, precision)
     if form == 'shifted':
       return shifted_depthwise_conv(lhs, rhs[None], geom)
+    if form == 'im2col_grad':
+      return im2col_grad_conv(lhs, rhs, geom, precision)
     return fallback()
 
 

@@ -137,15 +137,30 @@ def depthwise_implementation(backend: str) -> str:
   return 'shifted' if backend == 'cpu' else 'xla'
 
 
-def static_form(geom: ConvGeometry, backend: str) -> str:
+# B*Ho*Wo from which a k x k conv's kernel gradient is an im2col matmul on
+# CPU (`static_form`).
+IM2COL_GRAD_MIN_OUTPUTS = 4096
+
+
+def static_form(geom: ConvGeometry, backend: str, batch: int = 1) -> str:
   """How `ops.conv_general_dilated` computes a static conv on this backend.
 
-  'matmul' (1x1, one group, no input dilation), 'shifted' (depthwise) or
-  'xla' (lax.conv). Off CPU everything stays 'xla': the other forms were
-  written for XLA:CPU's slow conv backward. On the H200 the layer bench's
-  static layers take 0.04-0.1 ms, launch-bound, with the matmul form at
-  0.5-1.0x lax.conv's time and the shifted depthwise at 0.6-1.0x: too close
-  to the launch floor to switch without a whole-model measurement.
+  'matmul' (1x1, one group, no input dilation), 'shifted' (depthwise),
+  'im2col_grad' (k x k, one group, at least IM2COL_GRAD_MIN_OUTPUTS output
+  pixels in the batch: XLA's conv with its kernel gradient as one im2col
+  matmul) or 'xla' (lax.conv). XLA:CPU's kernel gradient runs the B*Ho*Wo
+  reduction as a conv window. `benchmarks/kernel_grad_bench.py` on two
+  cores of the Intel Xeon (family 6 model 207, JAX 0.10.2) timed the matmul
+  at 0.36-0.69x XLA's time from 12544 outputs up (ResNet-50's 56x56 and
+  28x28 3x3 layers and its 7x7 stride-2 stem at batch 16; the MobileNet
+  stem), 0.89x at 5776 (19x19x256, batch 16) and 0.97-1.69x at 784-3136
+  outputs (14x14 and 7x7 layers at batch 16, batch 1 at 28x28 and 56x56);
+  the threshold sits between those (not measured on the AMD EPYC VM).
+  Off CPU everything stays 'xla': the other forms were written for
+  XLA:CPU's slow conv backward. On the H200 the layer bench's static
+  layers take 0.04-0.1 ms, launch-bound, with the matmul form at 0.5-1.0x
+  lax.conv's time and the shifted depthwise at 0.6-1.0x: too close to the
+  launch floor to switch without a whole-model measurement.
   """
   if backend != 'cpu' or geom.input_dilation != (1, 1):
     return 'xla'
@@ -153,4 +168,8 @@ def static_form(geom: ConvGeometry, backend: str) -> str:
     return 'matmul'
   if geom.is_depthwise:
     return 'shifted'
+  out_h, out_w = geom.out_spatial
+  if (geom.feature_group_count == 1 and
+      batch * out_h * out_w >= IM2COL_GRAD_MIN_OUTPUTS):
+    return 'im2col_grad'
   return 'xla'

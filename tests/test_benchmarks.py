@@ -232,3 +232,18 @@ def test_depthwise_candidates_match_float64_reference(variant, case):
 def test_depthwise_candidate_kernel_gradient_is_checked():
   with pytest.raises(ValueError, match="kernel_grad must be one of"):
     depthwise_variants.materialized_shifted('xla_dk')
+
+
+def test_kernel_grad_bench_times_both_gradients_and_names_the_rule():
+  script = pathlib.Path(__file__).parents[1] / 'benchmarks' / (
+      'kernel_grad_bench.py')
+  # 2*8*8 outputs (below the threshold) and 1*64*64 = 4096 (at it).
+  done = subprocess.run([sys.executable, str(script), '--shapes',
+                         '2,8,3,4,3,1', '1,64,2,2,3,1', '--repeats', '1'],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  rows = [line for line in done.stdout.splitlines() if line.startswith('| ')]
+  assert rows[1].startswith('| 2,8,3,4,3,1 | 128 |')
+  assert rows[1].endswith('| xla |')
+  assert rows[2].startswith('| 1,64,2,2,3,1 | 4096 |')
+  assert rows[2].endswith('| im2col_grad |')

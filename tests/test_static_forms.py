@@ -26,6 +26,10 @@ STATIC_CASES = [
     ('depthwise dilated', 1, (11, 10), 2, 2, 3, 1, 'SAME', 2, 2),
     ('depthwise big pad', 2, (5, 5), 2, 2, 3, 3, ((4, 1), (0, 3)), 1, 2),
     ('3x3 (xla)', 2, (6, 5), 3, 4, 3, 2, 'SAME', 1, 1),
+    # At least IM2COL_GRAD_MIN_OUTPUTS (4096) output pixels: the im2col
+    # kernel gradient.
+    ('3x3 (im2col_grad)', 4, (32, 32), 3, 4, 3, 1, 'SAME', 1, 1),
+    ('7x7 stride2 (im2col_grad)', 1, (130, 128), 2, 3, 7, 2, 'SAME', 1, 1),
     ('grouped (xla)', 2, (6, 5), 4, 6, 3, 1, 'SAME', 1, 2),
 ]
 
@@ -67,6 +71,10 @@ def test_conv_general_dilated_matches_float64_reference(case):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=groups)
 
+  if '(im2col_grad)' in case[0]:  # the form the case is there for
+    geom = conv_geometry(x.shape, kernel.shape, strides=strides,
+                         padding=padding)
+    assert strategy.static_form(geom, 'cpu', batch) == 'im2col_grad'
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   y = jax.jit(f)(f32(x), f32(kernel))
   assert y.shape == expected.shape
@@ -115,6 +123,45 @@ def test_per_example_matmul_conv_gradients(kernel, strides, padding, dilation):
       rng)
 
 
+@pytest.mark.parametrize('kernel,strides,padding,dilation', [
+    (3, 1, 'SAME', 1), (3, 2, 'SAME', 1), (5, 1, 'VALID', 2),
+    (2, 1, ((0, 1), (1, 0)), 1), (3, 3, ((2, 0), (1, 3)), 1)])
+def test_im2col_grad_conv_gradients(kernel, strides, padding, dilation):
+  """XLA's conv with the kernel gradient as one im2col matmul, at any
+  size (the rule only uses it on large ones)."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, 9, 10, 3))
+  kernel = rng.standard_normal((kernel, kernel, 3, 4))
+  geom = conv_geometry(x.shape, kernel.shape, strides=strides,
+                       padding=padding, kernel_dilation=dilation)
+  conv = reference.Conv(x.shape, kernel.shape, (strides,) * 2, padding,
+                        kernel_dilation=(dilation,) * 2)
+  kernels = np.broadcast_to(kernel, (3, *kernel.shape)).copy()
+  dy = rng.standard_normal(conv.apply(x, kernels).shape)
+  dx_want, dk_want = conv.vjp(x, kernels, dy)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  f = lambda x, k: ops.im2col_grad_conv(x, k, geom)
+  assert rel_err(jax.jit(f)(f32(x), f32(kernel)),
+                 conv.apply(x, kernels)) <= 1e-5
+  dx, dk = jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), f32(dy)),
+                            argnums=(0, 1)))(f32(x), f32(kernel))
+  assert rel_err(dx, dx_want) <= 1e-5
+  assert rel_err(dk, dk_want.sum(0)) <= 1e-5
+
+
+def test_im2col_grad_conv_kernel_gradient_is_a_matmul():
+  """The kernel gradient alone (the image of a stem needs no input
+  gradient) has no convolution left in it: one dot over the patches."""
+  x = jnp.ones((2, 16, 16, 3))
+  kernel = jnp.ones((3, 3, 3, 8))
+  geom = conv_geometry(x.shape, kernel.shape, padding='SAME')
+  grad = jax.jit(jax.grad(
+      lambda k: ops.im2col_grad_conv(x, k, geom).sum()))
+  hlo = grad.lower(kernel).as_text()
+  assert 'convolution' not in hlo
+  assert 'dot_general' in hlo
+
+
 @pytest.mark.parametrize('kwargs', [
     dict(features=8, kernel_size=(1, 1)),
     dict(features=8, kernel_size=(1, 1), strides=2, use_bias=False),
@@ -141,14 +188,20 @@ def test_conv_general_dilated_falls_back_to_lax_for_other_layouts():
 
 
 def test_static_form_rule():
-  def form(kernel, groups, cin=8, backend='cpu', input_dilation=1):
-    geom = conv_geometry((1, 8, 8, cin), (kernel, kernel, cin // groups, 8),
-                         feature_group_count=groups,
+  def form(kernel, groups, cin=8, backend='cpu', input_dilation=1, batch=1,
+           strides=1):
+    geom = conv_geometry((batch, 8, 8, cin), (kernel, kernel, cin // groups, 8),
+                         feature_group_count=groups, strides=strides,
                          input_dilation=input_dilation)
-    return strategy.static_form(geom, backend)
+    return strategy.static_form(geom, backend, batch)
   assert form(1, 1) == 'matmul'
   assert form(3, 8) == 'shifted'
-  assert form(3, 1) == 'xla'
+  assert form(3, 1) == 'xla'  # 8x8 outputs
+  assert form(3, 1, batch=64) == 'im2col_grad'  # 4096 outputs
+  assert form(3, 1, batch=63) == 'xla'
+  assert form(3, 1, batch=64, strides=2) == 'xla'  # 4x4 outputs each
+  assert form(3, 2, batch=64) == 'xla'  # grouped k x k
+  assert form(3, 1, batch=64, backend='gpu') == 'xla'
   assert form(1, 2) == 'xla'  # grouped 1x1
   assert form(1, 1, input_dilation=2) == 'xla'
   assert form(1, 1, backend='gpu') == form(3, 8, backend='tpu') == 'xla'
