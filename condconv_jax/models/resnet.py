@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from condconv_jax import pooling
 from condconv_jax.models.blocks import (Classifier, ConvFactory, ConvNet,
                                         NormFactory, activation_fn, apply_conv,
                                         drop_path)
@@ -75,7 +76,7 @@ class ResNet(ConvNet):
     x = jnp.asarray(x, self.dtype)
     x = convs(int(64 * self.width), 7, strides=2, name='conv1')(x)
     x = activation_fn(self.activation)(norms(train, 'bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     sizes = STAGE_SIZES[self.depth_layers]
     total, index = sum(sizes), 0
     for stage, size in enumerate(sizes, 1):

@@ -1,0 +1,101 @@
+"""Max pooling with a fast backward on CPU (ResNet's stem pooling).
+
+    x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+Same arguments and result as `flax.linen.max_pool` for NHWC inputs with
+explicit padding, and the same gradient: each window's cotangent goes to
+the first of its maxima in row-major window order, as XLA's
+select-and-scatter routes it. On CPU it is the maximum of the k*k strided
+slices of the (-inf) padded input, with the backward written as k*k masked
+pads of the cotangent: XLA:CPU's select-and-scatter took 81 ms against 18
+for this form (16x112x112x64, 3x3 stride 2, forward + backward, on the Intel
+Xeon VM; README). Elsewhere it is flax's (XLA's reduce-window).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Pair = tuple[int, int]
+
+
+def max_pool(x: jax.Array, window: Pair, strides: Pair,
+             padding: tuple[Pair, Pair]) -> jax.Array:
+  """`nn.max_pool(x, window, strides, padding)` for x: [B, H, W, C]."""
+  window, strides = tuple(window), tuple(strides)
+  padding = tuple(tuple(p) for p in padding)
+  if x.ndim != 4 or len(window) != 2 or len(strides) != 2 or len(padding) != 2:
+    raise ValueError(f'max_pool takes x [B, H, W, C], a 2-D window, strides '
+                     f'and ((top, bottom), (left, right)) padding; got x '
+                     f'{x.shape}, window {window}, strides {strides}, padding '
+                     f'{padding}.')
+  if jax.default_backend() != 'cpu':
+    return nn.max_pool(x, window, strides=strides, padding=padding)
+  return _shifted_max_pool(x, window, strides, padding)
+
+
+def _taps(padded, window, strides, out_shape):
+  """Yields ((i, j), the input pixels window position (i, j) sees)."""
+  batch, out_h, out_w, channels = out_shape
+  for i in range(window[0]):
+    for j in range(window[1]):
+      limit = (batch, i + (out_h - 1) * strides[0] + 1,
+               j + (out_w - 1) * strides[1] + 1, channels)
+      yield (i, j), lax.slice(padded, (0, i, j, 0), limit, (1, *strides, 1))
+
+
+def _pad(x, padding, value):
+  return lax.pad(x, jnp.array(value, x.dtype),
+                 ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
+def _out_shape(x, window, strides, padding):
+  batch, height, width, channels = x.shape
+  out = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
+         in zip((height, width), window, strides, padding)]
+  return (batch, *out, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shifted_max_pool(x, window, strides, padding):
+  return _forward(x, window, strides, padding)[0]
+
+
+def _forward(x, window, strides, padding):
+  padded = _pad(x, padding, -jnp.inf)
+  out = None
+  for _, tap in _taps(padded, window, strides,
+                      _out_shape(x, window, strides, padding)):
+    out = tap if out is None else jnp.maximum(out, tap)
+  return out, (x, out)
+
+
+def _backward(window, strides, padding, residuals, cotangent):
+  x, out = residuals
+  padded = _pad(x, padding, -jnp.inf)
+  unclaimed = jnp.ones(out.shape, bool)  # windows whose maximum is not found
+  d_padded = jnp.zeros(padded.shape, cotangent.dtype)
+  for (i, j), tap in _taps(padded, window, strides, out.shape):
+    first = unclaimed & (tap == out)
+    unclaimed = unclaimed & ~first
+    # Back to padded coordinates: offset (i, j), stride-1 zeros between.
+    config = [(0, 0, 0)]
+    for axis, offset in ((1, i), (2, j)):
+      span = (out.shape[axis] - 1) * strides[axis - 1] + 1
+      config.append((offset, padded.shape[axis] - offset - span,
+                     strides[axis - 1] - 1))
+    config.append((0, 0, 0))
+    d_padded = d_padded + lax.pad(
+        jnp.where(first, cotangent, 0), jnp.array(0, cotangent.dtype), config)
+  (top, _), (left, _) = padding
+  return (lax.slice(d_padded, (0, top, left, 0),
+                    (x.shape[0], top + x.shape[1], left + x.shape[2],
+                     x.shape[3])),)
+
+
+_shifted_max_pool.defvjp(_forward, _backward)
