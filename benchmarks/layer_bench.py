@@ -5,8 +5,8 @@
 
 For each layer shape and batch it times, forward and forward+backward, the
 fastest static conv of the same shape (lax.conv, and for 1x1 one matmul, for
-depthwise the shifted multiply-add form, for k x k lax.conv with an im2col
-kernel gradient) and the full CondConv layer (routing
+depthwise the shifted multiply-add form, for k x k in forward+backward
+lax.conv with an im2col kernel gradient) and the full CondConv layer (routing
 + conditional conv) with each strategy, and prints time / static time. The MAC
 column is the arithmetic floor: (conv + kernel mixing + routing) / conv.
 The auto column repeats the cell of the strategy auto picks (the same
@@ -77,15 +77,17 @@ def time_call(fn, args, budget_s: float, repeats: int,
   return best
 
 
-def static_variants(case: Case, geom):
-  """name -> f(x, kernel) for every exact static form of this conv."""
+def static_variants(case: Case, geom, mode: str):
+  """name -> f(x, kernel) for every exact static form of this conv that
+  differs from lax.conv in this mode ('fwd' or 'fwd+bwd')."""
   variants = {'lax.conv': lambda x, k: ops.static_conv(x, k, geom)}
   if case.kernel == 1 and case.groups == 1:
     variants['matmul'] = lambda x, k: ops.pointwise_matmul_conv(x, k, geom)
   if case.groups > 1:
     variants['shifted'] = (
         lambda x, k: ops.shifted_depthwise_conv(x, k[None], geom))
-  if case.kernel > 1 and case.groups == 1:
+  if case.kernel > 1 and case.groups == 1 and mode == 'fwd+bwd':
+    # Its forward is lax.conv itself: timing it twice would only pick noise.
     variants['im2col_grad'] = (
         lambda x, k: ops.im2col_grad_conv(x, k, geom))
   return variants
@@ -131,7 +133,7 @@ def measure(case: Case, batch: int, strategies, skip, dtype, **timing):
   for mode in ('fwd', 'fwd+bwd'):
     wrap = (lambda f: f) if mode == 'fwd' else forward_backward
     static = {name: time_call(jax.jit(wrap(f)), (x, kernel), **timing)
-              for name, f in static_variants(case, geom).items()}
+              for name, f in static_variants(case, geom, mode).items()}
     best_name = min(static, key=static.get)
     base = static[best_name]
     row = {'case': case.describe(), 'batch': batch, 'mode': mode,

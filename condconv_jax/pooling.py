@@ -2,15 +2,17 @@
 
     x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-Same arguments and result as `flax.linen.max_pool` for NHWC inputs with
-explicit padding, and the same gradient: each window's cotangent goes to
-the first of its maxima in row-major window order, as XLA's
-select-and-scatter routes it. On CPU it is the maximum of the k*k strided
-slices of the (-inf) padded input, with the backward written as k*k masked
-pads of the cotangent. Forward + backward of ResNet-50's pool at batch 16
-(16x112x112x64, 3x3 stride 2) took 87-89 ms as XLA:CPU's reduce-window and
-select-and-scatter against 20-23 ms in this form on the 2-core Intel Xeon VM
-(README). Elsewhere it is flax's (XLA's reduce-window).
+A drop-in for `flax.linen.max_pool`: same arguments, result and gradient
+(each window's cotangent goes to the first of its maxima in row-major window
+order, as XLA's select-and-scatter routes it). On CPU, for 4-D floating
+inputs with explicit non-negative padding, it is the maximum of the k*k
+strided slices of the (-inf) padded input, with the backward written as k*k
+masked pads of the cotangent: forward + backward of ResNet-50's pool at
+batch 16 (16x112x112x64, 3x3 stride 2) took 87-89 ms as XLA:CPU's
+reduce-window and select-and-scatter against 20-23 ms in this form on the
+2-core Intel Xeon VM (README). That form has a custom VJP (reverse-mode
+only; a window holding a NaN sends its gradient to its first NaN). Anything
+else is flax's (XLA's reduce-window).
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ from jax import lax
 Pair = tuple[int, int]
 
 
-def max_pool(x: jax.Array, window: Pair, strides: Pair,
-             padding: tuple[Pair, Pair]) -> jax.Array:
-  """`nn.max_pool(x, window, strides, padding)` for x: [B, H, W, C]."""
-  window, strides = tuple(window), tuple(strides)
-  padding = tuple(tuple(p) for p in padding)
-  if x.ndim != 4 or len(window) != 2 or len(strides) != 2 or len(padding) != 2:
-    raise ValueError(f'max_pool takes x [B, H, W, C], a 2-D window, strides '
-                     f'and ((top, bottom), (left, right)) padding; got x '
-                     f'{x.shape}, window {window}, strides {strides}, padding '
-                     f'{padding}.')
-  if jax.default_backend() != 'cpu':
-    return nn.max_pool(x, window, strides=strides, padding=padding)
-  return _shifted_max_pool(x, window, strides, padding)
+def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
+             ) -> jax.Array:
+  """`nn.max_pool(inputs, window_shape, strides, padding)`, faster on CPU."""
+  fallback = lambda: nn.max_pool(inputs, window_shape, strides=strides,
+                                 padding=padding)
+  if (jax.default_backend() != 'cpu' or inputs.ndim != 4 or
+      len(window_shape) != 2 or isinstance(padding, str) or
+      not jnp.issubdtype(inputs.dtype, jnp.floating)):
+    return fallback()
+  window = tuple(window_shape)
+  strides = tuple(strides) if strides is not None else (1, 1)
+  padding = tuple(tuple(pair) for pair in padding)
+  if (len(strides) != 2 or min(strides) <= 0 or len(padding) != 2 or
+      any(len(pair) != 2 or min(pair) < 0 for pair in padding) or
+      min(_out_shape(inputs.shape, window, strides, padding)) <= 0):
+    return fallback()  # flax's result or flax's error
+  return _shifted_max_pool(inputs, window, strides, padding)
 
 
 def _taps(padded, window, strides, out_shape):
@@ -55,8 +61,8 @@ def _pad(x, padding, value):
                  ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
 
 
-def _out_shape(x, window, strides, padding):
-  batch, height, width, channels = x.shape
+def _out_shape(shape, window, strides, padding):
+  batch, height, width, channels = shape
   out = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
          in zip((height, width), window, strides, padding)]
   return (batch, *out, channels)
@@ -71,7 +77,7 @@ def _forward(x, window, strides, padding):
   padded = _pad(x, padding, -jnp.inf)
   out = None
   for _, tap in _taps(padded, window, strides,
-                      _out_shape(x, window, strides, padding)):
+                      _out_shape(x.shape, window, strides, padding)):
     out = tap if out is None else jnp.maximum(out, tap)
   return out, (x, out)
 
@@ -82,7 +88,7 @@ def _backward(window, strides, padding, residuals, cotangent):
   unclaimed = jnp.ones(out.shape, bool)  # windows whose maximum is not found
   d_padded = jnp.zeros(padded.shape, cotangent.dtype)
   for (i, j), tap in _taps(padded, window, strides, out.shape):
-    first = unclaimed & (tap == out)
+    first = unclaimed & ((tap == out) | jnp.isnan(tap))
     unclaimed = unclaimed & ~first
     # Back to padded coordinates: offset (i, j), stride-1 zeros between.
     config = [(0, 0, 0)]

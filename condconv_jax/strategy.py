@@ -142,7 +142,7 @@ def depthwise_implementation(backend: str) -> str:
 IM2COL_GRAD_MIN_OUTPUTS = 4096
 
 
-def static_form(geom: ConvGeometry, backend: str, batch: int = 1) -> str:
+def static_form(geom: ConvGeometry, backend: str, batch: int) -> str:
   """How `ops.conv_general_dilated` computes a static conv on this backend.
 
   'matmul' (1x1, one group, no input dilation), 'shifted' (depthwise),
@@ -151,10 +151,11 @@ def static_form(geom: ConvGeometry, backend: str, batch: int = 1) -> str:
   matmul) or 'xla' (lax.conv). XLA:CPU's kernel gradient runs the B*Ho*Wo
   reduction as a conv window. `benchmarks/kernel_grad_bench.py` on two
   cores of the Intel Xeon (family 6 model 207, JAX 0.10.2) timed the matmul
-  at 0.36-0.69x XLA's time from 12544 outputs up (ResNet-50's 56x56 and
-  28x28 3x3 layers and its 7x7 stride-2 stem at batch 16; the MobileNet
-  stem), 0.89x at 5776 (19x19x256, batch 16) and 0.97-1.69x at 784-3136
-  outputs (14x14 and 7x7 layers at batch 16, batch 1 at 28x28 and 56x56);
+  at 0.59-0.69x XLA's time from 12544 outputs up for ResNet-50's 56x56 and
+  28x28 3x3 layers, its 7x7 stride-2 stem and the MobileNet stem at batch
+  16 (0.36-0.42x for 256-channel layers there), 0.89x at 5776 (19x19x256,
+  batch 16) and 0.97-1.69x at 784-3136 outputs (14x14 and 7x7 layers at
+  batch 16, batch 1 at 28x28 and 56x56);
   the threshold sits between those (not measured on the AMD EPYC VM).
   Off CPU everything stays 'xla': the other forms were written for
   XLA:CPU's slow conv backward. On the H200 the layer bench's static

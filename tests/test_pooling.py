@@ -54,7 +54,9 @@ def test_max_pool_matches_loop_and_flax(shape, window, strides, padding,
   dy = rng.standard_normal(y_want.shape)
   _, dx_want = loop_max_pool(x, window, strides, padding, dy)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  ours = lambda x: pooling.max_pool(x, window, strides, padding)
+  ours = lambda x: pooling.max_pool(x, window, strides=strides,
+                                    padding=padding)
+  assert 'custom_vjp_call' in str(jax.make_jaxpr(ours)(f32(x)))  # fast form
   flax_pool = lambda x: nn.max_pool(x, window, strides=strides,
                                     padding=padding)
   y, pullback = jax.vjp(jax.jit(ours), f32(x))
@@ -67,8 +69,26 @@ def test_max_pool_matches_loop_and_flax(shape, window, strides, padding,
                              rtol=1e-6, atol=1e-6)
 
 
-def test_max_pool_rejects_other_layouts():
-  with pytest.raises(ValueError, match=r'x \[B, H, W, C\].*got x \(4, 4\)'):
-    pooling.max_pool(jnp.ones((4, 4)), (2, 2), (2, 2), ((0, 0), (0, 0)))
-  with pytest.raises(ValueError, match='padding'):
-    pooling.max_pool(jnp.ones((1, 4, 4, 1)), (2, 2), (2, 2), 'SAME')
+def test_max_pool_nan_window_still_routes_its_gradient():
+  x = jnp.asarray([[[[1.0], [np.nan]], [[np.nan], [0.0]]]])  # one 2x2 window
+  dx = jax.grad(lambda x: pooling.max_pool(x, (2, 2), strides=(2, 2),
+                                           padding=((0, 0), (0, 0))).sum())(x)
+  np.testing.assert_array_equal(dx.ravel(), [0.0, 1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize('x,window,kwargs', [
+    (np.arange(2 * 6 * 5 * 3.0).reshape(2, 6, 5, 3), (3, 3),
+     dict(strides=(2, 2), padding='SAME')),  # string padding
+    (np.arange(6 * 5 * 3.0).reshape(6, 5, 3), (2, 2), {}),  # no batch axis
+    (np.arange(2 * 6 * 5 * 3).reshape(2, 6, 5, 3), (2, 2),
+     dict(strides=(2, 2), padding=((1, 1), (0, 0)))),  # integers
+    (np.ones((1, 2, 2, 1)), (5, 5), {}),  # window larger than the input
+    (np.arange(30.0).reshape(1, 6, 5, 1), (2, 2),
+     dict(padding=((-1, 0), (0, 0)))),  # negative padding
+])
+def test_max_pool_gives_flax_result_outside_the_fast_form(x, window, kwargs):
+  """Whatever the fast form does not cover is flax's: same result."""
+  x = jnp.asarray(x)
+  np.testing.assert_array_equal(
+      pooling.max_pool(x, window, **kwargs),
+      nn.max_pool(x, window, **kwargs))
