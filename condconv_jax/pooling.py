@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Pair = tuple[int, int]
-
 
 def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
              ) -> jax.Array:
