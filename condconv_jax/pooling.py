@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from condconv_jax import ops
+from condconv_jax.geometry import ConvGeometry, conv_geometry
+
 
 def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
              ) -> jax.Array:
@@ -39,31 +42,24 @@ def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
   padding = tuple(tuple(pair) for pair in padding)
   if (len(strides) != 2 or min(strides) <= 0 or len(padding) != 2 or
       any(len(pair) != 2 or min(pair) < 0 for pair in padding) or
-      min(_out_shape(inputs.shape, window, strides, padding)) <= 0):
+      min(_windows(inputs.shape, window, strides, padding).out_spatial) <= 0):
     return fallback()  # flax's result or flax's error
   return _shifted_max_pool(inputs, window, strides, padding)
 
 
-def _taps(padded, window, strides, out_shape):
-  """Yields ((i, j), the input pixels window position (i, j) sees)."""
-  batch, out_h, out_w, channels = out_shape
-  for i in range(window[0]):
-    for j in range(window[1]):
-      limit = (batch, i + (out_h - 1) * strides[0] + 1,
-               j + (out_w - 1) * strides[1] + 1, channels)
-      yield (i, j), lax.slice(padded, (0, i, j, 0), limit, (1, *strides, 1))
+def _windows(shape, window, strides, padding) -> ConvGeometry:
+  """The pooling windows as a VALID conv over the padded input, whose taps
+  `ops.kernel_taps` slices."""
+  batch, height, width, channels = shape
+  (top, bottom), (left, right) = padding
+  return conv_geometry(
+      (batch, height + top + bottom, width + left + right, channels),
+      (*window, channels, channels), strides=strides, padding='VALID')
 
 
 def _pad(x, padding, value):
   return lax.pad(x, jnp.array(value, x.dtype),
                  ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-
-
-def _out_shape(shape, window, strides, padding):
-  batch, height, width, channels = shape
-  out = [(size + lo + hi - k) // s + 1 for size, k, s, (lo, hi)
-         in zip((height, width), window, strides, padding)]
-  return (batch, *out, channels)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -74,8 +70,8 @@ def _shifted_max_pool(x, window, strides, padding):
 def _forward(x, window, strides, padding):
   padded = _pad(x, padding, -jnp.inf)
   out = None
-  for _, tap in _taps(padded, window, strides,
-                      _out_shape(x.shape, window, strides, padding)):
+  for _, _, tap in ops.kernel_taps(
+      padded, _windows(x.shape, window, strides, padding)):
     out = tap if out is None else jnp.maximum(out, tap)
   return out, (x, out)
 
@@ -85,7 +81,8 @@ def _backward(window, strides, padding, residuals, cotangent):
   padded = _pad(x, padding, -jnp.inf)
   unclaimed = jnp.ones(out.shape, bool)  # windows whose maximum is not found
   d_padded = jnp.zeros(padded.shape, cotangent.dtype)
-  for (i, j), tap in _taps(padded, window, strides, out.shape):
+  for i, j, tap in ops.kernel_taps(
+      padded, _windows(x.shape, window, strides, padding)):
     first = unclaimed & ((tap == out) | jnp.isnan(tap))
     unclaimed = unclaimed & ~first
     # Back to padded coordinates: offset (i, j), stride-1 zeros between.

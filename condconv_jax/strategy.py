@@ -155,10 +155,9 @@ def static_form(geom: ConvGeometry, backend: str, batch: int) -> str:
   28x28 3x3 layers, its 7x7 stride-2 stem and the MobileNet stem at batch
   16 (0.36-0.42x for 256-channel layers there), 0.89x at 5776 (19x19x256,
   batch 16) and 0.97-1.69x at 784-3136 outputs (14x14 and 7x7 layers at
-  batch 16, batch 1 at 28x28 and 56x56);
-  the threshold sits between those (not measured on the AMD EPYC VM).
-  Off CPU everything stays 'xla': the other forms were written for
-  XLA:CPU's slow conv backward. On the H200 the layer bench's static
+  batch 16, batch 1 at 28x28 and 56x56); the threshold sits between those
+  (not measured on the AMD EPYC VM). Off CPU everything stays 'xla': the
+  other forms were written for XLA:CPU's slow conv backward. On the H200 the layer bench's static
   layers take 0.04-0.1 ms, launch-bound, with the matmul form at 0.5-1.0x
   lax.conv's time and the shifted depthwise at 0.6-1.0x: too close to the
   launch floor to switch without a whole-model measurement.
