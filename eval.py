@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from condconv_jax import convert, cpu_setup
+from condconv_jax import config_schema, convert, cpu_setup
 from condconv_jax.training import (checkpoint, detection_figure, distributed,
                                    routing_analysis, tasks, trainer)
 
@@ -64,7 +64,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   distributed.initialize()
   source = FLAGS.workdir or FLAGS.checkpoint
-  config = FLAGS.config or trainer.load_config(source)
+  config = FLAGS.config or config_schema.load_config(source)
   if FLAGS.data_dir is not None:
     config.data_dir = FLAGS.data_dir
   if FLAGS.batch_size is not None:

@@ -19,10 +19,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from condconv_jax import cpu_setup
+from condconv_jax import cpu_setup, paths
 from condconv_jax.training import (checkpoint, detection_figure, distributed,
                                    trainer)
-from condconv_jax.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -68,8 +67,8 @@ def compare(config, workdir):
       values = ' | '.join(f'{100 * s[f"eval_{m}"]:.2f}%' for m in metrics)
       print(f'| {num_experts} | {s["params"]:,} | {s["macs"] / 1e6:.2f}M | '
             f'{values} | {int(s["eval_count"])} |')
-    workdir_lib.write_json(workdir / 'compare.json',
-                           {str(e): s for e, s in rows})
+    paths.write_json(workdir / 'compare.json',
+                     {str(e): s for e, s in rows})
 
 
 def main(argv):
@@ -81,7 +80,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize()
   config = FLAGS.config
-  workdir = workdir_lib.as_path(FLAGS.workdir)
+  workdir = paths.as_path(FLAGS.workdir)
   try:
     if config.compare_num_experts:
       compare(config, workdir)

@@ -1,12 +1,12 @@
 """CC-EfficientNet-B0 with its per-example depthwise convs in candidate forms.
 
-    python benchmarks/depthwise_variants.py                 # on a GPU
-    python benchmarks/depthwise_variants.py --variants static auto \
+    python -m benchmarks.depthwise_variants                 # on a GPU
+    python -m benchmarks.depthwise_variants --variants static auto \
         barrier_taps_dk --batch 8 --dtype float32 --steps 3  # CPU smoke run
 
-The README's GPU profile puts CC-EfficientNet-B0's whole gap to its static
-twin in the per-example depthwise conv (`direct`: k*k shifted multiply-adds):
-XLA:GPU fuses the taps into the reductions that consume them (the
+The GPU profile in docs/speed.md puts CC-EfficientNet-B0's whole gap to
+its static twin in the per-example depthwise conv (`direct`: k*k shifted
+multiply-adds): XLA:GPU fuses the taps into the reductions that consume them (the
 squeeze-excite pooling, the batch-norm gradient), and the kernel gradient
 runs as one reduction per tap. This times, in one process, alternating, best
 of --steps, training step and inference:
@@ -26,9 +26,9 @@ of --steps, training step and inference:
                     backward-filter on a GPU)
 
 The candidates live here, not in the library: each stands in for
-`ops.shifted_depthwise_conv` on per-example kernels while its twin is traced
-(static depthwise convs are untouched; the runner fails if none was
-replaced); tests/test_benchmarks.py checks their values and gradients
+`static_ops.shifted_depthwise_conv` on per-example kernels while its twin
+is traced (static depthwise convs are untouched; the runner fails if none
+was replaced); tests/test_benchmarks.py checks their values and gradients
 against the float64 loop reference. XLA:CPU removes optimization barriers
 before it fuses, so on CPU `barrier_taps_dk` computes what `auto` does.
 Variants compile one after another: on a GPU, compiles running side by side
@@ -40,26 +40,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-import model_bench
-from condconv_jax import ops
+from benchmarks import model_bench
+from condconv_jax import cpu_setup, ops, static_ops
 
 
 def _one_pass_kernel_grad(x, kernels, geom, cotangent):
   acc = jnp.promote_types(cotangent.dtype, jnp.float32)
   multiplier = geom.out_features // geom.in_features
   taps = jnp.stack([jnp.repeat(tap, multiplier, axis=-1)
-                    for _, _, tap in ops.kernel_taps(x, geom)], axis=1)
+                    for _, _, tap in static_ops.kernel_taps(x, geom)], axis=1)
   grad = jnp.sum(taps.astype(acc) * cotangent.astype(acc)[:, None],
                  axis=(2, 3))
   return grad.reshape(kernels.shape).astype(kernels.dtype)
@@ -80,7 +75,7 @@ def materialized_shifted(kernel_grad: str):
     return forward(x, kernels, geom)[0]
 
   def forward(x, kernels, geom):
-    out = ops._shifted_depthwise_forward(x, kernels, geom)  # pylint: disable=protected-access
+    out = static_ops._shifted_depthwise_forward(x, kernels, geom)  # pylint: disable=protected-access
     return lax.optimization_barrier(out), (x, kernels)
 
   def backward(geom, residuals, cotangent):
@@ -90,7 +85,7 @@ def materialized_shifted(kernel_grad: str):
     cotangent = lax.optimization_barrier(cotangent)
     # The library's backward; with another kernel_grad, XLA drops its
     # per-tap kernel gradient, which nothing reads.
-    dx, d_kernels = ops._shifted_depthwise_backward(geom, residuals, cotangent)  # pylint: disable=protected-access
+    dx, d_kernels = static_ops._shifted_depthwise_backward(geom, residuals, cotangent)  # pylint: disable=protected-access
     if kernel_grad == 'one_pass':
       d_kernels = _one_pass_kernel_grad(x, kernels, geom, cotangent)
     elif kernel_grad == 'xla':
@@ -114,7 +109,7 @@ def depthwise_form(variant: str):
 
   Yields a list that gets one entry per conv the candidate replaced.
   """
-  original = ops.shifted_depthwise_conv
+  original = static_ops.shifted_depthwise_conv
   candidate = CANDIDATES.get(variant)
   replaced = []
 
@@ -125,11 +120,11 @@ def depthwise_form(variant: str):
     replaced.append(x.shape)
     return candidate(x, kernels, geom)
 
-  ops.shifted_depthwise_conv = shifted
+  static_ops.shifted_depthwise_conv = shifted
   try:
     yield replaced
   finally:
-    ops.shifted_depthwise_conv = original
+    static_ops.shifted_depthwise_conv = original
 
 
 def runner(variant: str, batch: int, dtype: str, experts: int):
@@ -141,7 +136,7 @@ def runner(variant: str, batch: int, dtype: str, experts: int):
   if variant in CANDIDATES and not replaced:
     raise RuntimeError(f'{variant}: no depthwise conv of the model took the '
                        'candidate form; the library no longer calls '
-                       'ops.shifted_depthwise_conv for them.')
+                       'static_ops.shifted_depthwise_conv for them.')
   return built
 
 
@@ -156,7 +151,6 @@ def main():
   parser.add_argument('--cache-dir', default=None,
                       help='persistent compilation cache to read and fill')
   args = parser.parse_args()
-  from condconv_jax import cpu_setup
   cpu_setup.use_tcmalloc()
   model_bench.use_compilation_cache(args.cache_dir)
   print(f'# {model_bench.machine()}; jax {jax.__version__} '

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The README's GPU benchmarks, on one NVIDIA GPU machine whose python3 has
+# The GPU benchmarks of docs/speed.md, on one NVIDIA GPU machine whose python3 has
 # JAX (CUDA), flax, optax, PyTorch and timm:
 #
 #   OUT=/some/folder PARTS="b0_depthwise" benchmarks/gpu_bench.sh
@@ -8,7 +8,7 @@
 # each part fits one 600 s command):
 # b0_depthwise (CC-EfficientNet-B0 with its depthwise CondConv layers in the
 # candidate forms of depthwise_variants.py), bf16_128 (ResNet-50 with a vmap
-# twin, EfficientNet-B0: the README's table), float32, bf16_256, layers (the
+# twin, EfficientNet-B0: the GPU table in docs/speed.md), float32, bf16_256, layers (the
 # 1x1, depthwise and 3x3 layer rows) and host_cpu (the second-CPU layer
 # table, on two host cores).
 # One file per run in $OUT (default /tmp/gpu_bench); every run has its own
@@ -35,13 +35,13 @@ pin() {  # cores command...: run pinned to cores, where taskset exists
 
 models() {  # name timeout args...: to $OUT/name.md
   local name=$1 limit=$2; shift 2
-  pin $GPU_CORES timeout "$limit" "$PY" benchmarks/model_bench.py \
+  pin $GPU_CORES timeout "$limit" "$PY" -m benchmarks.model_bench \
       --steps 10 --processes 1 --cache-dir "$CACHE" "$@" >"$OUT/$name.md" 2>&1
 }
 
 layers() {  # name timeout args...: layer_bench on the GPU, bfloat16
   local name=$1 limit=$2; shift 2
-  (cd benchmarks && pin $GPU_CORES timeout "$limit" "$PY" layer_bench.py \
+  (pin $GPU_CORES timeout "$limit" "$PY" -m benchmarks.layer_bench \
       --dtype bfloat16 --batches 1 8 128 256 --strategies auto direct vmap \
       experts --repeats 3 --target-s 0.05 "$@") >"$OUT/$name.txt" 2>&1
 }
@@ -54,8 +54,8 @@ flax.__version__, torch.__version__, timm.__version__, jax.devices())'
 
 if [[ " $PARTS " == *" host_cpu "* ]]; then
   # Two host cores nobody else uses here, alongside the GPU parts.
-  (cd benchmarks && JAX_PLATFORMS=cpu pin 14,15 timeout 500 "$PY" \
-      layer_bench.py --batches 1 8 64 --strategies auto direct loop vmap \
+  (JAX_PLATFORMS=cpu pin 14,15 timeout 500 "$PY" -m benchmarks.layer_bench \
+      --batches 1 8 64 --strategies auto direct loop vmap \
       >"$OUT/layers_host_cpu.txt" 2>&1) &
 fi
 for part in $PARTS; do
@@ -63,7 +63,7 @@ for part in $PARTS; do
     host_cpu) ;;  # started above
     b0_depthwise)
       # Most telling first: each variant prints its own figures once built.
-      pin $GPU_CORES timeout 560 "$PY" benchmarks/depthwise_variants.py \
+      pin $GPU_CORES timeout 560 "$PY" -m benchmarks.depthwise_variants \
           --batch 128 --dtype bfloat16 --variants static auto \
           barrier_taps_dk barrier_xla_dk depthwise=vmap barrier_one_pass_dk \
           --cache-dir "$CACHE" >"$OUT/b0_depthwise_bf16_128.md" 2>&1 ;;

@@ -4,7 +4,7 @@
 #
 #   OUT=/some/folder benchmarks/gpu_profile.sh
 #   tar xzf /some/folder/profiles.tgz -C /some/folder  # anywhere, later
-#   python benchmarks/profile_step.py --mode train infer \
+#   python -m benchmarks.profile_step --mode train infer \
 #       --load /some/folder/profiles/resnet50
 #
 # Each variant compiles in the process that profiles it (minutes on a GPU;
@@ -24,7 +24,7 @@ SETTINGS="--batch ${BATCH:-128} --dtype ${DTYPE:-bfloat16}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     >"$OUT/machine.txt" 2>&1
 for model in $MODELS; do
-  timeout 270 "$PY" benchmarks/profile_step.py --model "$model" $SETTINGS \
+  timeout 270 "$PY" -m benchmarks.profile_step --model "$model" $SETTINGS \
       --mode train infer --cache-dir "$CACHE" --top 30 \
       --save "$PROFILES/profiles/$model" >"$OUT/profile_$model.txt" 2>&1
   # After each model, so a later one cut off leaves the earlier profiles.

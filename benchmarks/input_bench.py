@@ -1,7 +1,6 @@
 """ImageNet input pipeline rate, images/s per host, on TFDS mock data.
 
-    python benchmarks/input_bench.py                  # this checkout
-    python benchmarks/input_bench.py --src /tmp/old   # another checkout
+    python -m benchmarks.input_bench
 
 The mock dataset holds JPEGs the size ImageNet's are (375x500 and the like,
 quality 90, ~100 kB: smooth random fields plus grain), so decoding costs
@@ -9,9 +8,7 @@ what it costs on the real data; tfds' own mock images (~40x20 pixels) would
 measure nothing but overhead. It times the training pipeline (random crop,
 flip, resize to 224, batching) over --images images after a warm-up batch,
 and the first batch of a resume at the last step of an epoch (what a
-preempted run waits for before its first step). --src points at another checkout of this
-project to measure its pipeline the same way (the before/after in the
-README).
+preempted run waits for before its first step).
 """
 
 from __future__ import annotations
@@ -19,10 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from condconv_jax.config_schema import get_base_config
+from condconv_jax.data import imagenet
 
 SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (400, 300),
          (281, 500), (500, 333), (375, 500))
@@ -43,20 +44,11 @@ def fake_jpegs(tf, count: int, seed: int = 0):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--src', default=None,
-                      help='checkout whose pipeline to time (default: this)')
   parser.add_argument('--images', type=int, default=2048)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--distinct', type=int, default=2048,
                       help='JPEGs in the mock train split')
   args = parser.parse_args()
-  root = args.src or os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__)))
-  sys.path.insert(0, root)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from condconv_jax.training import imagenet  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
 
   jpegs = fake_jpegs(tf, args.distinct)
   labels = np.arange(len(jpegs)) % 1000
@@ -70,7 +62,7 @@ def main():
           ex['image'], channels=3)})
     return ds
 
-  config = base.get_base_config()
+  config = get_base_config()
   config.batch_size = args.batch
   config.image_size = 224
   with tfds.testing.mock_data(as_dataset_fn=as_dataset):
@@ -86,7 +78,9 @@ def main():
     start = time.perf_counter()
     next(pipeline.train_batches(2 * pipeline.steps_per_epoch - 1))
     resume = time.perf_counter() - start
-  print(f'| {os.path.basename(os.path.abspath(root))} | {rate:.0f} | '
+  print('| images/s | first batch of a resume | batch dtype | bytes per image |'
+        '\n|---:|---:|---|---:|')
+  print(f'| {rate:.0f} | '
         f'{resume:.1f} s | {first["image"].dtype} | '
         f'{first["image"].nbytes / len(first["image"]) / 1e3:.0f} kB |')
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} '

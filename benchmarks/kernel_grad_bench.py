@@ -1,11 +1,12 @@
 """A static k x k conv's kernel gradient: XLA's against one im2col matmul.
 
-    python benchmarks/kernel_grad_bench.py           # the shapes below
-    python benchmarks/kernel_grad_bench.py --shapes 16,56,64,64,3,1
+    python -m benchmarks.kernel_grad_bench           # the shapes below
+    python -m benchmarks.kernel_grad_bench --shapes 16,56,64,64,3,1
 
-`strategy.static_form` switches a k x k conv (one group) on CPU to
-`ops.im2col_grad_conv` from `strategy.IM2COL_GRAD_MIN_OUTPUTS` output pixels
-in the batch (B*Ho*Wo, the length of the kernel gradient's reduction). This
+`static_ops.static_form` switches a k x k conv (one group) on CPU to
+`static_ops.im2col_grad_conv` from `static_ops.IM2COL_GRAD_MIN_OUTPUTS`
+output pixels in the batch (B*Ho*Wo, the length of the kernel gradient's
+reduction). This
 times both kernel gradients, alternating, best of --repeats, for each shape,
 with the forward conv and XLA's input gradient for scale, so the threshold
 can be checked on another CPU. Shapes: B,H,Cin,Cout,k,stride (square, SAME).
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import model_bench
-from condconv_jax import cpu_setup, ops, strategy
+from benchmarks import model_bench
+from condconv_jax import cpu_setup, static_ops
 from condconv_jax.geometry import conv_geometry
 
 # ResNet-50's 3x3 layers and stem and the MobileNet stem at batch 16, and
@@ -34,13 +35,13 @@ SHAPES = ('16,56,64,64,3,1', '16,56,128,128,3,2', '16,28,128,128,3,1',
 
 def kernel_gradients(geom):
   """name -> f(x, kernel, dy) computing one part of the conv's backward."""
-  conv = lambda x, k: ops.static_conv(x, k, geom)
+  conv = lambda x, k: static_ops.static_conv(x, k, geom)
   return {
       'forward': lambda x, k, dy: conv(x, k),
       'xla dx': lambda x, k, dy: jax.vjp(lambda x_: conv(x_, k), x)[1](dy)[0],
       'xla dk': lambda x, k, dy: jax.vjp(lambda k_: conv(x, k_), k)[1](dy)[0],
       'im2col dk': lambda x, k, dy: jax.vjp(
-          lambda k_: ops.im2col_grad_conv(x, k_, geom), k)[1](dy)[0],
+          lambda k_: static_ops.im2col_grad_conv(x, k_, geom), k)[1](dy)[0],
   }
 
 
@@ -70,7 +71,7 @@ def time_shape(spec: str, repeats: int) -> dict:
         best[name] = min(best.get(name, float('inf')),
                          time.perf_counter() - start)
   return {'outputs': batch * out_h * out_w, 'times': best,
-          'form': strategy.static_form(geom, 'cpu', batch)}
+          'form': static_ops.static_form(geom, 'cpu', batch)}
 
 
 def main():
@@ -82,7 +83,7 @@ def main():
   cpu_setup.use_tcmalloc()
   print(f'# {model_bench.machine()}; jax {jax.__version__} '
         f'({jax.default_backend()}); allocator: {cpu_setup.allocator()}; '
-        f'threshold {strategy.IM2COL_GRAD_MIN_OUTPUTS} outputs')
+        f'threshold {static_ops.IM2COL_GRAD_MIN_OUTPUTS} outputs')
   print('| B,H,Cin,Cout,k,stride | B*Ho*Wo | forward | xla dx | xla dk | '
         'im2col dk | im2col / xla dk | static_form |')
   print('|---|---:|---:|---:|---:|---:|---:|---|')

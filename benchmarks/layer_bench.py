@@ -1,7 +1,7 @@
 """CondConv layer speed: each strategy as a ratio to the static conv, one process.
 
-    python benchmarks/layer_bench.py            # the README table (CPU: ~10 min)
-    python benchmarks/layer_bench.py --cases pw512 --batches 8 --strategies direct
+    python -m benchmarks.layer_bench            # the CPU layer table (~10 min)
+    python -m benchmarks.layer_bench --cases pw512 --batches 8 --strategies direct
 
 For each layer shape and batch it times, forward and forward+backward, the
 fastest static conv of the same shape (lax.conv, and for 1x1 one matmul, for
@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import condconv_jax
-import model_bench
-from condconv_jax import cpu_setup, ops
+from benchmarks import model_bench
+from condconv_jax import cpu_setup, static_ops
+from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import conv_geometry
 
 NUM_EXPERTS = 8
@@ -80,16 +81,17 @@ def time_call(fn, args, budget_s: float, repeats: int,
 def static_variants(case: Case, geom, mode: str):
   """name -> f(x, kernel) for every exact static form of this conv that
   differs from lax.conv in this mode ('fwd' or 'fwd+bwd')."""
-  variants = {'lax.conv': lambda x, k: ops.static_conv(x, k, geom)}
+  variants = {'lax.conv': lambda x, k: static_ops.static_conv(x, k, geom)}
   if case.kernel == 1 and case.groups == 1:
-    variants['matmul'] = lambda x, k: ops.pointwise_matmul_conv(x, k, geom)
+    variants['matmul'] = (
+        lambda x, k: static_ops.pointwise_matmul_conv(x, k, geom))
   if case.groups > 1:
     variants['shifted'] = (
-        lambda x, k: ops.shifted_depthwise_conv(x, k[None], geom))
+        lambda x, k: static_ops.shifted_depthwise_conv(x, k[None], geom))
   if case.kernel > 1 and case.groups == 1 and mode == 'fwd+bwd':
     # Its forward is lax.conv itself: timing it twice would only pick noise.
     variants['im2col_grad'] = (
-        lambda x, k: ops.im2col_grad_conv(x, k, geom))
+        lambda x, k: static_ops.im2col_grad_conv(x, k, geom))
   return variants
 
 
@@ -140,8 +142,8 @@ def measure(case: Case, batch: int, strategies, skip, dtype, **timing):
            'static': f'{best_name} {base * 1e3:.2f}ms',
            'static/lax.conv': base / static['lax.conv'],
            'MACs': mac_ratio(case, batch, geom)}
-    chosen = condconv_jax.strategy.choose(geom, batch, NUM_EXPERTS,
-                                          jax.default_backend())
+    chosen = strategy_lib.choose(geom, batch, NUM_EXPERTS,
+                                 jax.default_backend())
     for strategy in strategies:
       reason = skip(case, batch, mode, strategy)
       if reason:

@@ -1,8 +1,8 @@
 """Whole-model speed: static vs CondConv, and JAX vs its PyTorch peer.
 
-    python benchmarks/model_bench.py                    # the README table
-    python benchmarks/model_bench.py --models resnet50 --batch 8
-    python benchmarks/model_bench.py --dtype bfloat16 float32 --batch 128 \
+    python -m benchmarks.model_bench           # the whole-model CPU table
+    python -m benchmarks.model_bench --models resnet50 --batch 8
+    python -m benchmarks.model_bench --dtype bfloat16 float32 --batch 128 \
         --steps 10 --processes 1 --cache-dir /tmp/jax_cache  # on a GPU
 
 For every paper model it runs one process per model (--processes times) in
@@ -48,6 +48,13 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+from condconv_jax import cpu_setup
+from condconv_jax import strategy as strategy_lib
+from condconv_jax.models import cost, get_model
+
+# The children run `python -m benchmarks.model_bench` from here.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Runner(NamedTuple):
@@ -100,8 +107,6 @@ def jax_runner(entry: Entry, experts: int, batch: int, dtype: str,
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from condconv_jax import cost
-  from condconv_jax.models import get_model
 
   model = get_model(entry.model, num_experts=experts, dtype=jnp.dtype(dtype),
                     **({'strategy': strategy} if experts else {}))
@@ -319,15 +324,16 @@ def markdown(results: dict, cc_strategies) -> str:
 
 
 def child_command(name, batch, dtype, args):
-  return [sys.executable, __file__, '--one', name, '--batch', str(batch),
-          '--dtype', dtype, '--steps', str(args.steps), '--cache-dir',
-          args.cache_dir or '', '--cc-strategies', *args.cc_strategies]
+  return [sys.executable, '-m', 'benchmarks.model_bench', '--one', name,
+          '--batch', str(batch), '--dtype', dtype, '--steps', str(args.steps),
+          '--cache-dir', args.cache_dir or '', '--cc-strategies',
+          *args.cc_strategies]
 
 
 def run_child(command, config) -> str | None:
   """The child's stdout; on failure (out of memory, say) its error, and None:
   one configuration failing leaves the others' rows."""
-  done = subprocess.run(command, capture_output=True, text=True)
+  done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
   if done.returncode:
     print(f'# {config} failed (exit {done.returncode}): ' +
           ' | '.join(done.stderr.strip().splitlines()[-3:]), flush=True)
@@ -353,7 +359,6 @@ def main():
                       help='persistent compilation cache to read and fill')
   parser.add_argument('--one', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  from condconv_jax import strategy as strategy_lib
   try:
     specs = [strategy_lib.parse(spec) for spec in args.cc_strategies]
   except ValueError as error:
@@ -365,7 +370,6 @@ def main():
   # JAX and PyTorch share an accelerator, and the parent must not hold its
   # memory while the children run: JAX allocates as it goes.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  from condconv_jax import cpu_setup
   cpu_setup.use_tcmalloc()  # re-executes once; children inherit it
 
   if args.one:  # a child: one model, JSON on the last line

@@ -1,7 +1,7 @@
 """Where a training step's time goes: the JAX profiler on one step.
 
-    python benchmarks/profile_step.py --model mobilenet_v1 --batch 16
-    python benchmarks/profile_step.py --model mobilenet_v2 --mode train infer
+    python -m benchmarks.profile_step --model mobilenet_v1 --batch 16
+    python -m benchmarks.profile_step --model mobilenet_v2 --mode train infer
 
 Builds a model's static and CondConv training steps (or inference, the same
 ones `model_bench.py` times), profiles one step of each with `jax.profiler`
@@ -36,7 +36,8 @@ import re
 import tempfile
 from typing import NamedTuple
 
-import model_bench
+from benchmarks import model_bench
+from condconv_jax import cpu_setup
 
 # Time no op_name places: library kernels in XLA's CUDA graphs (GPU), copies.
 UNNAMED = 'no op_name (library kernels, copies)'
@@ -302,7 +303,6 @@ def main():
                                            mode) for mode in args.mode}
                 for label in labels(entry)}
   else:
-    from condconv_jax import cpu_setup
     cpu_setup.use_tcmalloc()
     import jax
     model_bench.use_compilation_cache(args.cache_dir)

@@ -6,7 +6,8 @@ Modules: `CondConv` (drop-in for flax.linen.Conv), `Routing`,
 """
 
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
-from condconv_jax.ops import conditional_conv, depthwise_conv, mix_experts
+from condconv_jax.ops import conditional_conv, mix_experts
+from condconv_jax.static_ops import depthwise_conv
 from condconv_jax.strategy import STRATEGIES
 
 __all__ = [

@@ -33,8 +33,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
 from flax import traverse_util
 
+from condconv_jax import paths
+from condconv_jax.config_schema import get_base_config
 from condconv_jax.models import get_model
 
 # timm's BatchNorm bookkeeping counter has no counterpart and no effect.
@@ -49,7 +53,7 @@ class TimmSpec:
   depth: float
   padding: str  # 'SAME' (TF ports) or 'symmetric' (timm's own)
   bn_epsilon: float
-  normalization: str  # condconv_jax.training.imagenet.NORMALIZATIONS key
+  normalization: str  # condconv_jax.data.imagenet.NORMALIZATIONS key
   image_size: int  # timm's evaluation size; crop = size / (size + 32)
   top1: float | None = None  # timm's reported ImageNet top-1
 
@@ -183,9 +187,8 @@ def load_state_dict(path: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found.')
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path)
-  try:
+    return safetensors.numpy.load_file(path)
+  try:  # PyTorch is optional: only .pth/.bin files need it.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     raise ImportError(f'reading {path} needs PyTorch (pip install torch), or '
@@ -199,16 +202,14 @@ def load_state_dict(path: str) -> dict:
 def save_variables(variables: dict, out_dir, config=None):
   """An orbax checkpoint of the variables (+ config.json for eval.py), in a
   local folder or at a gs:// URI."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from condconv_jax.training import workdir  # pylint: disable=g-import-not-at-top
-  out_dir = workdir.as_path(out_dir)
+  out_dir = paths.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out_dir / 'variables',
                       jax.tree.map(jnp.asarray, variables), force=True)
   if config is not None:
-    workdir.write_text(out_dir / 'config.json',
-                       config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text(out_dir / 'config.json',
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_variables(checkpoint_dir, target=None) -> dict:
@@ -218,9 +219,7 @@ def load_variables(checkpoint_dir, target=None) -> dict:
   replicated over a mesh spanning every process, which eval.py passes) to
   restore into; without it the arrays land on the default device.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from condconv_jax.training import workdir  # pylint: disable=g-import-not-at-top
-  path = workdir.as_path(checkpoint_dir) / 'variables'
+  path = paths.as_path(checkpoint_dir) / 'variables'
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: expected a folder written by '
                             f'`python -m condconv_jax.convert`.')
@@ -230,9 +229,8 @@ def load_variables(checkpoint_dir, target=None) -> dict:
 
 def eval_config(model_name: str):
   """The ImageNet evaluation config for converted weights."""
-  from configs import base  # pylint: disable=g-import-not-at-top
   spec = _spec(model_name)
-  c = base.get_base_config()
+  c = get_base_config()
   c.model = 'efficientnet_b0'
   for key, value in spec.model_kwargs().items():
     c[key] = value

@@ -5,13 +5,8 @@
 
 XLA:CPU allocates and frees its large temporaries (activations, gradients)
 every step. glibc's malloc hands blocks that large back to the kernel and
-takes them again, so they page-fault on every step; tcmalloc keeps them. On
-the 2-core AMD EPYC (Zen 4) VM, float32, JAX 0.10.2, batch 16 training
-steps took 2091 ms (EfficientNet-B0), 2255 ms (CC-EfficientNet-B0), 3789 ms
-(ResNet-50) and 5120 ms (CC-ResNet-50) with glibc's malloc against 994,
-1021, 3177 and 3584 ms with tcmalloc (`benchmarks/model_bench.py --models
-efficientnet_b0 resnet50 --steps 3 --processes 1`, with and without
-CONDCONV_MALLOC=system; README).
+takes them again, so they page-fault on every step; tcmalloc keeps them,
+which halves some training steps (docs/speed.md).
 
 The allocator must be chosen before the process starts, so `use_tcmalloc`
 re-executes the same command line once with LD_PRELOAD set, when Debian's

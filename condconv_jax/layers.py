@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from condconv_jax import ops
+from condconv_jax import ops, static_ops
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import PaddingLike
 
@@ -180,8 +180,9 @@ class DepthwiseConv(nn.Module):
 
   Same 'kernel' [kh, kw, 1, features] and 'bias' [features] as
   nn.Conv(feature_group_count=C), so weights move between the two; on CPU it
-  runs the k*k shifted multiply-add form, 4-30x faster than XLA's depthwise
-  conv there (`implementation='xla'` forces lax.conv). `features` defaults to
+  runs the k*k shifted multiply-add form, many times faster than XLA's
+  depthwise conv there (docs/speed.md; `implementation='xla'` forces
+  lax.conv). `features` defaults to
   the input channels and must be a multiple of them (channel multiplier).
   """
 
@@ -218,7 +219,7 @@ class DepthwiseConv(nn.Module):
     bias = (self.param('bias', self.bias_init, (features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = ops.depthwise_conv(
+    y = static_ops.depthwise_conv(
         x, kernel, strides=self.strides, padding=self.padding,
         input_dilation=self.input_dilation,
         kernel_dilation=self.kernel_dilation,

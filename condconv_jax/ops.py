@@ -3,7 +3,7 @@
     y[b] = (sum_e r[b, e] W_e) * x[b] + sum_e r[b, e] bias_e
 
 Every strategy computes exactly this function; they differ only in how the work
-is laid out for the hardware (see `strategy.py` for the measured choice):
+is laid out for the hardware (`strategy.py` holds the rule "auto" follows):
 
 - "vmap":    mix one kernel per example, then vmap `lax.conv_general_dilated`
              over the batch (XLA lowers it to a grouped conv with B*g groups).
@@ -21,11 +21,6 @@ is laid out for the hardware (see `strategy.py` for the measured choice):
              example in a sequential loop; backward in the "direct" form.
 - "auto":    picks one of the above from the conv's shape and the backend.
 
-Static convs: `conv_general_dilated` is a drop-in for lax's that computes a
-1x1 conv as one matmul, a depthwise conv in the shifted form and a large
-k x k conv's kernel gradient as an im2col matmul on CPU, where XLA's own
-conv backward is slow; the models pass it to nn.Conv.
-
 Shapes: x [B, H, W, Cin] (NHWC); experts [E, kh, kw, Cin/g, Cout];
 routing_weights [B, E]; bias [E, Cout].
 """
@@ -33,17 +28,15 @@ routing_weights [B, E]; bias [E, Cout].
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from condconv_jax import static_ops
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import ConvGeometry, PaddingLike, conv_geometry
-
-_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
-
+from condconv_jax.static_ops import im2col_patches, kernel_taps, static_conv
 
 def mix_experts(routing_weights: jax.Array, experts: jax.Array,
                 precision=None) -> jax.Array:
@@ -59,244 +52,6 @@ def mix_experts(routing_weights: jax.Array, experts: jax.Array,
     mixed = jnp.matmul(routing_weights.astype(flat.dtype), flat,
                        precision=precision)
     return mixed.reshape(routing_weights.shape[0], *experts.shape[1:])
-
-
-def static_conv(x: jax.Array, kernel: jax.Array, geom: ConvGeometry,
-                precision=None) -> jax.Array:
-  """XLA's convolution with the geometry's explicit padding."""
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=geom.strides, padding=geom.padding,
-      lhs_dilation=geom.input_dilation, rhs_dilation=geom.kernel_dilation,
-      dimension_numbers=_DIMENSION_NUMBERS,
-      feature_group_count=geom.feature_group_count, precision=precision)
-
-
-def pointwise_matmul_conv(x: jax.Array, kernel: jax.Array, geom: ConvGeometry,
-                          precision=None) -> jax.Array:
-  """A 1x1 conv (any stride and padding, one group) as one 2-D matmul.
-
-  x: [B, H, W, Cin], kernel: [1, 1, Cin, Cout] -> [B, Ho, Wo, Cout]. Its
-  kernel gradient is then [Cin, B*H*W] @ [B*H*W, Cout]; XLA:CPU's conv
-  backward instead re-lays out the activations for a B*H*W-window conv,
-  3-5x slower on EfficientNet's and ResNet's 1x1 layers (README).
-  """
-  (_, _, tap), = kernel_taps(x, geom)
-  batch, out_h, out_w, cin = tap.shape
-  out = jnp.matmul(tap.reshape(-1, cin), kernel[0, 0], precision=precision)
-  return out.reshape(batch, out_h, out_w, kernel.shape[-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def im2col_grad_conv(x: jax.Array, kernel: jax.Array, geom: ConvGeometry,
-                     precision=None) -> jax.Array:
-  """XLA's conv and input gradient, with the kernel gradient as one matmul.
-
-  x: [B, H, W, Cin], kernel: [kh, kw, Cin, Cout] (one group). The kernel
-  gradient is [kh*kw*Cin, B*Ho*Wo] @ [B*Ho*Wo, Cout] over im2col patches
-  (recomputed from x in the backward, a kh*kw-times-larger buffer) instead
-  of XLA:CPU's, which runs that B*Ho*Wo-long reduction as a conv window and
-  takes 1.4-2.8x longer once it is long (`strategy.static_form`). A custom
-  VJP: reverse-mode only, like the shifted depthwise form.
-  """
-  return static_conv(x, kernel, geom, precision)
-
-
-def _im2col_grad_forward(x, kernel, geom, precision):
-  return static_conv(x, kernel, geom, precision), (x, kernel)
-
-
-def _im2col_grad_backward(geom, precision, residuals, cotangent):
-  x, kernel = residuals
-  # The conv is linear in x: its transpose is XLA's input gradient, without
-  # running the forward again (XLA drops it where x needs none).
-  (dx,) = jax.linear_transpose(
-      lambda x_: static_conv(x_, kernel, geom, precision), x)(cotangent)
-  patches = _patches(x, geom)
-  d_kernel = jnp.matmul(patches.reshape(-1, patches.shape[-1]).T,
-                        cotangent.reshape(-1, cotangent.shape[-1]),
-                        precision=precision)
-  return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-im2col_grad_conv.defvjp(_im2col_grad_forward, _im2col_grad_backward)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated` with the faster forms for this backend.
-
-  Same signature and result; for 2-D NHWC/HWIO convs it computes the form
-  `strategy.static_form` picks (a matmul for 1x1, shifted multiply-adds for
-  depthwise, XLA's conv with an im2col kernel gradient for large k x k,
-  else XLA's conv). Pass it as `nn.Conv(conv_general_dilated=...)`:
-  the module, its parameters and its initialization stay nn.Conv's.
-  """
-  fallback = functools.partial(
-      lax.conv_general_dilated, lhs, rhs, window_strides, padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
-  if (lhs.ndim != 4 or rhs.ndim != 4 or batch_group_count != 1 or
-      preferred_element_type is not None or
-      lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) !=
-      lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)):
-    return fallback()
-  geom = conv_geometry(lhs.shape, rhs.shape, strides=tuple(window_strides),
-                       padding=padding, input_dilation=lhs_dilation or 1,
-                       kernel_dilation=rhs_dilation or 1,
-                       feature_group_count=feature_group_count)
-  form = strategy_lib.static_form(geom, jax.default_backend(), lhs.shape[0])
-  with jax.named_scope(f'static_conv_{form}'):  # names the ops in profiles
-    if form == 'matmul':
-      return pointwise_matmul_conv(lhs, rhs, geom, precision)
-    if form == 'shifted':
-      return shifted_depthwise_conv(lhs, rhs[None], geom)
-    if form == 'im2col_grad':
-      return im2col_grad_conv(lhs, rhs, geom, precision)
-    return fallback()
-
-
-def _padded_input(x: jax.Array, geom: ConvGeometry) -> jax.Array:
-  """Applies padding and input dilation (interior padding) in one lax.pad."""
-  (top, bottom), (left, right) = geom.padding
-  dil_h, dil_w = geom.input_dilation
-  if (top, bottom, left, right, dil_h, dil_w) == (0, 0, 0, 0, 1, 1):
-    return x
-  config = [(0, 0, 0), (top, bottom, dil_h - 1), (left, right, dil_w - 1),
-            (0, 0, 0)]
-  return lax.pad(x, jnp.zeros((), x.dtype), config)
-
-
-def kernel_taps(x: jax.Array, geom: ConvGeometry
-                ) -> Iterator[tuple[int, int, jax.Array]]:
-  """Yields (i, j, tap): the input pixels kernel tap (i, j) sees, [B, Ho, Wo, C].
-
-  The conv is then sum_ij tap_ij @ K[i, j]; slicing a padded input is free of
-  arithmetic, and autodiff turns it into pads of the cotangent.
-  """
-  padded = _padded_input(x, geom)
-  out_h, out_w = geom.out_spatial
-  stride_h, stride_w = geom.strides
-  dil_h, dil_w = geom.kernel_dilation
-  batch, _, _, channels = padded.shape
-  for i in range(geom.kernel_size[0]):
-    for j in range(geom.kernel_size[1]):
-      start = (0, i * dil_h, j * dil_w, 0)
-      limit = (batch, start[1] + (out_h - 1) * stride_h + 1,
-               start[2] + (out_w - 1) * stride_w + 1, channels)
-      if (start == (0, 0, 0, 0) and limit == padded.shape and
-          geom.strides == (1, 1)):
-        yield i, j, padded
-      else:
-        yield i, j, lax.slice(padded, start, limit, (1, stride_h, stride_w, 1))
-
-
-def shifted_depthwise_conv(x: jax.Array, kernels: jax.Array,
-                           geom: ConvGeometry) -> jax.Array:
-  """Depthwise conv as k*k shifted multiply-adds.
-
-  Args:
-    x: [B, H, W, C].
-    kernels: [B, kh, kw, 1, C*m] per-example kernels, or [1, kh, kw, 1, C*m]
-      for one kernel shared by the batch (channel multiplier m).
-  Returns:
-    [B, Ho, Wo, C*m].
-
-  XLA:CPU runs its own depthwise conv 4-30x slower than this. The backward is
-  written out too (`_shifted_depthwise_backward`): autodiff of the taps
-  gives a sum of k*k pads of the cotangent, which XLA:CPU runs 3-8x slower
-  than the same sum written as slices of one padded cotangent.
-  """
-  if geom.input_dilation != (1, 1):
-    return _shifted_depthwise_forward(x, kernels, geom)  # rare: autodiff
-  return _shifted_depthwise_vjp(x, kernels, geom)
-
-
-def _shifted_depthwise_forward(x, kernels, geom):
-  multiplier = geom.out_features // geom.in_features
-  # Low-precision inputs accumulate in float32; the chain of adds is fused into
-  # one elementwise kernel, so the wider accumulator costs no memory traffic.
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  out = None
-  for i, j, tap in kernel_taps(x, geom):
-    if multiplier > 1:
-      # Output channel o reads input channel o // m (lax's grouping order).
-      tap = jnp.repeat(tap, multiplier, axis=-1)
-    term = (tap.astype(acc_dtype) *
-            kernels[:, i, j, 0, :].astype(acc_dtype)[:, None, None, :])
-    out = term if out is None else out + term
-  return out.astype(jnp.result_type(x.dtype, kernels.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _shifted_depthwise_vjp(x, kernels, geom):
-  return _shifted_depthwise_forward(x, kernels, geom)
-
-
-def _shifted_depthwise_vjp_forward(x, kernels, geom):
-  # Residuals are x and the kernels only: the taps are re-sliced in the
-  # backward, which is cheaper than keeping k*k shifted copies alive.
-  return _shifted_depthwise_forward(x, kernels, geom), (x, kernels)
-
-
-def _shifted_depthwise_backward(geom, residuals, cotangent):
-  """(dx, dkernels) of the shifted depthwise conv (input_dilation 1).
-
-  dx is itself a shifted depthwise conv: the cotangent, dilated by the
-  strides and padded once, read at k*k offsets against the flipped kernel.
-  dkernels is one multiply-reduce per tap.
-  """
-  x, kernels = residuals
-  acc_dtype = jnp.promote_types(cotangent.dtype, jnp.float32)
-  batch, height, width, channels = x.shape
-  multiplier = geom.out_features // geom.in_features
-  kh, kw = geom.kernel_size
-  (pad_h, _), (pad_w, _) = geom.padding
-  dil_h, dil_w = geom.kernel_dilation
-  stride_h, stride_w = geom.strides
-  out_h, out_w = geom.out_spatial
-  dy = cotangent.astype(acc_dtype)
-  k = kernels.astype(acc_dtype)
-
-  # One multiply-reduce per tap (XLA:CPU hands each to YNNPACK after copying
-  # the tap out: about 4 activation-sized passes per tap, 70-75% of this
-  # backward's time; fusing the taps into one pass measured slower).
-  pixels = (0, 1, 2) if kernels.shape[0] == 1 else (1, 2)
-  d_kernels = []
-  for _, _, tap in kernel_taps(x, geom):
-    if multiplier > 1:
-      tap = jnp.repeat(tap, multiplier, axis=-1)
-    d_kernels.append(jnp.sum(tap.astype(acc_dtype) * dy, axis=pixels))
-  d_kernels = jnp.stack(d_kernels, axis=-2).reshape(kernels.shape)
-
-  # Input pixel q (padded coordinate q + pad) receives dy[o] k[t] wherever
-  # o * stride + t * dilation = q + pad: pad the stride-dilated dy so that
-  # tap t reads it at offset (k - 1 - t) * dilation.
-  low_h, low_w = (kh - 1) * dil_h - pad_h, (kw - 1) * dil_w - pad_w
-  dilated_h, dilated_w = (out_h - 1) * stride_h + 1, (out_w - 1) * stride_w + 1
-  config = [(0, 0, 0),
-            (low_h, height + pad_h - dilated_h, stride_h - 1),
-            (low_w, width + pad_w - dilated_w, stride_w - 1), (0, 0, 0)]
-  padded = lax.pad(dy, jnp.zeros((), acc_dtype), config)
-  dx = None
-  for i in range(kh):
-    for j in range(kw):
-      top, left = (kh - 1 - i) * dil_h, (kw - 1 - j) * dil_w
-      tap = lax.slice(padded, (0, top, left, 0),
-                      (batch, top + height, left + width, padded.shape[3]))
-      term = tap * k[:, i, j, 0, :][:, None, None, :]
-      dx = term if dx is None else dx + term
-  if multiplier > 1:
-    dx = dx.reshape(batch, height, width, channels, multiplier).sum(-1)
-  return dx.astype(x.dtype), d_kernels.astype(kernels.dtype)
-
-
-_shifted_depthwise_vjp.defvjp(_shifted_depthwise_vjp_forward,
-                              _shifted_depthwise_backward)
 
 
 def tap_matmul_conv(x: jax.Array, kernels: jax.Array, geom: ConvGeometry,
@@ -333,13 +88,6 @@ def tap_matmul_conv(x: jax.Array, kernels: jax.Array, geom: ConvGeometry,
   return out.reshape(batch, out_h, out_w, cout)
 
 
-def _patches(x: jax.Array, geom: ConvGeometry) -> jax.Array:
-  """im2col: [B, H, W, Cin] -> [B, Ho*Wo, kh*kw*Cin], taps in HWIO order."""
-  taps = [tap for _, _, tap in kernel_taps(x, geom)]
-  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  return patches.reshape(x.shape[0], -1, patches.shape[-1])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def per_example_matmul_conv(x: jax.Array, kernels: jax.Array,
                             geom: ConvGeometry, precision=None) -> jax.Array:
@@ -359,14 +107,14 @@ def _matmul_conv_forward(x, kernels, geom, precision):
   batch = x.shape[0]
   out_h, out_w = geom.out_spatial
   flat = kernels.reshape(batch, -1, kernels.shape[-1])
-  out = jnp.matmul(_patches(x, geom), flat, precision=precision)
+  out = jnp.matmul(im2col_patches(x, geom), flat, precision=precision)
   return out.reshape(batch, out_h, out_w, -1), (x, kernels)
 
 
 def _matmul_conv_backward(geom, precision, residuals, cotangent):
   x, kernels = residuals
   batch = x.shape[0]
-  patches, patches_pullback = jax.vjp(lambda x_: _patches(x_, geom), x)
+  patches, patches_pullback = jax.vjp(lambda x_: im2col_patches(x_, geom), x)
   dy = cotangent.reshape(batch, -1, cotangent.shape[-1])
   flat = kernels.reshape(batch, -1, kernels.shape[-1])
   d_kernels = jnp.matmul(jnp.swapaxes(patches, 1, 2), dy, precision=precision)
@@ -386,9 +134,10 @@ def per_example_conv_loop(x: jax.Array, kernels: jax.Array,
 
   x: [B, H, W, Cin], kernels: [B, kh, kw, Cin/g, Cout] -> [B, Ho, Wo, Cout].
   Forward: each example is a batch-1 lax.conv, which XLA:CPU runs about as
-  fast per pixel as the static conv (the vmapped grouped conv is 7-12x
-  slower). Backward: the same function's tap-matmul form, because XLA's
-  gradient of a conv inside a loop is ~25x slower than the static backward.
+  fast per pixel as the static conv (the vmapped grouped conv is far
+  slower: docs/speed.md). Backward: the im2col/tap-matmul form, because
+  XLA's gradient of a conv inside a loop is much slower than the static
+  backward.
   """
   one = lambda xk: static_conv(xk[0][None], xk[1], geom, precision)[0]
   return lax.map(one, (x, kernels))
@@ -439,9 +188,10 @@ def _experts_strategy(x, experts, routing_weights, geom, precision):
   wide = wide.transpose(1, 2, 3, 4, 0, 5).reshape(kh, kw, cin_g, -1)
   # One static conv E*Cout wide, in the backend's fastest form (shifted
   # multiply-adds for depthwise on CPU; ungrouped 1x1 took the branch above).
-  per_expert = conv_general_dilated(
+  per_expert = static_ops.conv_general_dilated(
       x, wide, geom.strides, geom.padding, geom.input_dilation,
-      geom.kernel_dilation, _DIMENSION_NUMBERS, groups, precision=precision)
+      geom.kernel_dilation, static_ops.DIMENSION_NUMBERS, groups,
+      precision=precision)
   batch, out_h, out_w, _ = per_expert.shape
   per_expert = per_expert.reshape(batch, out_h, out_w, groups, num_experts,
                                   cout_g)
@@ -475,7 +225,7 @@ def _pointwise_experts(x, experts, routing_weights, geom, precision):
 def _direct_strategy(x, experts, routing_weights, geom, precision):
   kernels = mix_experts(routing_weights, experts, precision)
   if geom.is_depthwise:
-    return shifted_depthwise_conv(x, kernels, geom)
+    return static_ops.shifted_depthwise_conv(x, kernels, geom)
   if geom.feature_group_count == 1 and not geom.is_pointwise:
     return per_example_matmul_conv(x, kernels, geom, precision)
   # 1x1: autodiff of the batched matmul measured 5-15% faster than the
@@ -546,30 +296,3 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
     out = out + mix_experts(routing_weights, bias, precision)[:, None, None, :]
   return out
 
-
-def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=1,
-                   padding: PaddingLike = 'SAME', input_dilation=1,
-                   kernel_dilation=1, implementation: str = 'auto',
-                   precision=None) -> jax.Array:
-  """A static depthwise conv, x: [B, H, W, C], kernel: [kh, kw, 1, C*m].
-
-  implementation: 'xla' (lax.conv), 'shifted' (k*k multiply-adds) or 'auto'
-  (the faster one for the backend, see `strategy.depthwise_implementation`).
-  """
-  if kernel.ndim != 4 or kernel.shape[2] != 1:
-    raise ValueError(f'a depthwise kernel is [kh, kw, 1, C*multiplier], got '
-                     f'shape {kernel.shape}.')
-  geom = conv_geometry(x.shape, kernel.shape, strides=strides, padding=padding,
-                       input_dilation=input_dilation,
-                       kernel_dilation=kernel_dilation,
-                       feature_group_count=x.shape[-1] if x.ndim == 4 else 1)
-  if implementation == 'auto':
-    implementation = strategy_lib.depthwise_implementation(
-        jax.default_backend())
-  if implementation not in ('xla', 'shifted'):
-    raise ValueError(f"implementation must be 'auto', 'xla' or 'shifted', got "
-                     f'{implementation!r}.')
-  with jax.named_scope(f'static_conv_{implementation}'):  # names it in profiles
-    if implementation == 'xla':
-      return static_conv(x, kernel, geom, precision)
-    return shifted_depthwise_conv(x, kernel[None], geom)

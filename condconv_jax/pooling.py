@@ -7,12 +7,10 @@ A drop-in for `flax.linen.max_pool`: same arguments, result and gradient
 order, as XLA's select-and-scatter routes it). On CPU, for 4-D floating
 inputs with explicit non-negative padding, it is the maximum of the k*k
 strided slices of the (-inf) padded input, with the backward written as k*k
-masked pads of the cotangent: forward + backward of ResNet-50's pool at
-batch 16 (16x112x112x64, 3x3 stride 2) took 87-89 ms as XLA:CPU's
-reduce-window and select-and-scatter against 20-23 ms in this form on the
-2-core Intel Xeon VM (README). That form has a custom VJP (reverse-mode
-only; a window holding a NaN sends its gradient to its first NaN). Anything
-else is flax's (XLA's reduce-window).
+masked pads of the cotangent, because XLA:CPU's select-and-scatter backward
+is several times slower (docs/speed.md). That form has a custom VJP
+(reverse-mode only; a window holding a NaN sends its gradient to its first
+NaN). Anything else is flax's (XLA's reduce-window).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from condconv_jax import ops
+from condconv_jax import static_ops
 from condconv_jax.geometry import ConvGeometry, conv_geometry
 
 
@@ -49,7 +47,7 @@ def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
 
 def _windows(shape, window, strides, padding) -> ConvGeometry:
   """The pooling windows as a VALID conv over the padded input, whose taps
-  `ops.kernel_taps` slices."""
+  `static_ops.kernel_taps` slices."""
   batch, height, width, channels = shape
   (top, bottom), (left, right) = padding
   return conv_geometry(
@@ -70,7 +68,7 @@ def _shifted_max_pool(x, window, strides, padding):
 def _forward(x, window, strides, padding):
   padded = _pad(x, padding, -jnp.inf)
   out = None
-  for _, _, tap in ops.kernel_taps(
+  for _, _, tap in static_ops.kernel_taps(
       padded, _windows(x.shape, window, strides, padding)):
     out = tap if out is None else jnp.maximum(out, tap)
   return out, (x, out)
@@ -81,7 +79,7 @@ def _backward(window, strides, padding, residuals, cotangent):
   padded = _pad(x, padding, -jnp.inf)
   unclaimed = jnp.ones(out.shape, bool)  # windows whose maximum is not found
   d_padded = jnp.zeros(padded.shape, cotangent.dtype)
-  for i, j, tap in ops.kernel_taps(
+  for i, j, tap in static_ops.kernel_taps(
       padded, _windows(x.shape, window, strides, padding)):
     first = unclaimed & ((tap == out) | jnp.isnan(tap))
     unclaimed = unclaimed & ~first

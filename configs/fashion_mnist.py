@@ -7,15 +7,15 @@ Data: the Debian package dataset-fashion-mnist (`apt-get install
 dataset-fashion-mnist`), or tfds.load('fashion_mnist') where it can download.
 It trains mobilenet_v1_mini static and with 8 experts (CondConv in separable
 layers 4-6 and the classifier) on the same recipe and seed, then prints test
-accuracy, parameters and MADDs side by side. The README reports the
+accuracy, parameters and MADDs side by side. docs/training.md reports the
 comparison over 3 seeds.
 """
 
-from configs import base
+from condconv_jax.config_schema import get_base_config
 
 
 def get_config():
-  c = base.get_base_config()
+  c = get_base_config()
   c.model = 'mobilenet_v1_mini'
   c.compare_num_experts = (0, 8)
   c.dataset = 'fashion_mnist'

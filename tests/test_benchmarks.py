@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import condconv_jax
+from benchmarks import depthwise_variants, profile_step
 from tests import reference
 from tests import test_ops
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / 'benchmarks'))
-import depthwise_variants  # pylint: disable=g-import-not-at-top
-import profile_step  # pylint: disable=g-import-not-at-top
+ROOT = pathlib.Path(__file__).parents[1]
 
 
 def test_shared_durations_split_overlaps_evenly():
@@ -177,9 +176,9 @@ def test_saved_profiles_load_back(tmp_path):
     (['direct'], 'must start with auto'),
 ])
 def test_model_bench_rejects_bad_strategy_specs(specs, message):
-  script = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'model_bench.py'
-  done = subprocess.run([sys.executable, str(script), '--cc-strategies',
-                         *specs], capture_output=True, text=True, timeout=120)
+  done = subprocess.run([sys.executable, '-m', 'benchmarks.model_bench',
+                         '--cc-strategies', *specs], capture_output=True,
+                        text=True, timeout=120, cwd=ROOT)
   assert done.returncode == 2 and message in done.stderr
 
 
@@ -235,12 +234,11 @@ def test_depthwise_candidate_kernel_gradient_is_checked():
 
 
 def test_kernel_grad_bench_times_both_gradients_and_names_the_rule():
-  script = pathlib.Path(__file__).parents[1] / 'benchmarks' / (
-      'kernel_grad_bench.py')
   # 2*8*8 outputs (below the threshold) and 1*64*64 = 4096 (at it).
-  done = subprocess.run([sys.executable, str(script), '--shapes',
-                         '2,8,3,4,3,1', '1,64,2,2,3,1', '--repeats', '1'],
-                        capture_output=True, text=True, timeout=300)
+  done = subprocess.run([sys.executable, '-m', 'benchmarks.kernel_grad_bench',
+                         '--shapes', '2,8,3,4,3,1', '1,64,2,2,3,1',
+                         '--repeats', '1'],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert done.returncode == 0, done.stderr
   rows = [line for line in done.stdout.splitlines() if line.startswith('| ')]
   assert rows[1].startswith('| 2,8,3,4,3,1 | 128 |')

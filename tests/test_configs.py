@@ -1,5 +1,5 @@
 """Every experiment config: documented, locked, the paper's recipe
-(../shared/PAPER.md, transcribed here by hand), and a model that builds."""
+(docs/paper.md, transcribed here by hand), and a model that builds."""
 
 import glob
 import importlib
@@ -19,7 +19,7 @@ CONFIGS = sorted(
                        recursive=True)
     if not p.endswith(('__init__.py', 'base.py', 'common.py')))
 
-# PAPER.md, "Training recipes": the official EfficientNet-CondConv recipe [V].
+# docs/paper.md, "Training recipes": the official EfficientNet-CondConv recipe [V].
 TF_TPU_RECIPE = dict(
     optimizer='rmsprop', rmsprop_decay=0.9, momentum=0.9, rmsprop_epsilon=1e-3,
     learning_rate=0.016, batch_size=2048, warmup_epochs=5.0,
@@ -29,7 +29,7 @@ TF_TPU_RECIPE = dict(
     ema_decay=0.9999)
 EFFICIENTNET = dict(TF_TPU_RECIPE, drop_path_rate=0.2, bn_momentum=0.99,
                     bn_epsilon=1e-3, activation='swish')  # survival 0.8
-# The standard ResNet-50 recipe (PAPER.md: "each model's standard recipe").
+# The standard ResNet-50 recipe (docs/paper.md: "each model's standard recipe").
 RESNET = dict(optimizer='sgd', nesterov=True, momentum=0.9, learning_rate=0.1,
               batch_size=1024, lr_schedule='cosine', warmup_epochs=5.0,
               num_epochs=90.0, weight_decay=1e-4, weight_decay_params='kernels',
@@ -123,7 +123,7 @@ def test_fashion_mnist_config():
   trainer.build_model(config, num_classes=10)
 
 
-# PAPER.md, "COCO detector": ssd_mobilenet_v1_coco.config and the TPU
+# docs/paper.md, "COCO detector": ssd_mobilenet_v1_coco.config and the TPU
 # ssd_mobilenet_v1_300x300_coco14_sync.config, in TF's own units (steps at
 # a fixed batch, unscaled learning rates).
 COCO_TRAIN_IMAGES = 118_287  # TFDS coco/2017 train

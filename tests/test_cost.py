@@ -3,7 +3,8 @@
 import flax.linen as nn
 import pytest
 
-from condconv_jax import CondConv, cost
+from condconv_jax import CondConv
+from condconv_jax.models import cost
 from condconv_jax.models.blocks import SqueezeExcite, ConvFactory
 
 

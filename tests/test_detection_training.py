@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from condconv_jax import config_schema
 from condconv_jax.training import detection_figure, trainer
 from configs.coco import common
 from tests import tiny
-from tests.test_coco_data import mock_coco  # noqa: F401  pylint: disable=unused-import
-from tests.test_training import _free_port, _finish, _start_processes
+from tests.test_coco import mock_coco  # noqa: F401  pylint: disable=unused-import
+from tests.test_trainer import _free_port, _finish, _start_processes
 
 
 def test_train_step_and_coco_evaluation_on_mock_coco(tmp_path, mock_coco):  # pylint: disable=redefined-outer-name
   # Static: compiling the CondConv detector costs half a minute here;
-  # tests/test_detection_model.py trains its step.
+  # tests/test_ssd.py trains its step.
   cfg = common.ssd_config(0, common.TF_COCO_RECIPE)
   cfg.update(dict(width=0.25, image_size=64, batch_size=4, num_train_steps=2,
                   log_every_steps=1, checkpoint_every_steps=2))
@@ -55,7 +56,7 @@ def test_detection_run_resumes_exactly(tmp_path):
   assert summary['preempted'] and int(first.step) == 2
   # eval.py rebuilds the run from config.json, free-form dicts included.
   # (JSON keeps tuples as lists.)
-  saved = trainer.load_config(workdir)
+  saved = config_schema.load_config(workdir)
   for field in ('loss_kwargs', 'model_kwargs'):
     want = json.loads(json.dumps(cfg[field].to_dict()))
     assert saved[field].to_dict() == want != {}, field

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import condconv_jax
-from condconv_jax import CondConv, DepthwiseConv, Routing, ops
+from condconv_jax import CondConv, DepthwiseConv, Routing, static_ops
 from tests import reference
 
 X = jax.random.normal(jax.random.key(0), (3, 9, 8, 6))
@@ -26,7 +26,7 @@ X = jax.random.normal(jax.random.key(0), (3, 9, 8, 6))
                                       'auto'])
 def test_one_expert_with_weight_one_equals_nn_conv(conv_kwargs, strategy):
   # The models' static conv: nn.Conv computed in the backend's fast forms.
-  static = nn.Conv(12, conv_general_dilated=ops.conv_general_dilated,
+  static = nn.Conv(12, conv_general_dilated=static_ops.conv_general_dilated,
                    **conv_kwargs)
   static_vars = static.init(jax.random.key(1), X)
   cond = CondConv(12, num_experts=1, strategy=strategy, **conv_kwargs)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from condconv_jax import cost
+from condconv_jax.models import cost
 from condconv_jax.models import MODELS, get_model
 from condconv_jax.models.paper import PAPER_COSTS
 
@@ -35,7 +35,7 @@ PINNED_PARAMS = {
     ('resnet101', 8): 149_218_424,
     ('resnet152', 0): 60_192_808,  # torchvision resnet152
     ('resnet152', 8): 164_862_072,
-    # By hand in tests/test_detection_model.py; PAPER.md: ~6.8M (91 classes).
+    # By hand in tests/test_ssd.py; docs/paper.md: ~6.8M (91 classes).
     ('ssd_mobilenet_v1', 0): 6_819_839,
     ('ssd_mobilenet_v1', 8): 52_636_687,
 }
@@ -99,7 +99,7 @@ def test_madds_match_the_paper(row):
 
 
 # Detectors return per-anchor dicts, not [B, num_classes] logits;
-# tests/test_detection_model.py covers their forward, training and jit.
+# tests/test_ssd.py covers their forward, training and jit.
 DETECTORS = {'ssd_mobilenet_v1'}
 CLASSIFIERS = sorted(set(MODELS) - DETECTORS)
 

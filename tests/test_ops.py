@@ -1,4 +1,5 @@
-"""Every strategy against the float64 mixture-of-experts reference."""
+"""Every strategy, and the per-example forms under them, against the float64
+mixture-of-experts reference."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,8 @@ import numpy as np
 import pytest
 
 import condconv_jax
+from condconv_jax import ops
+from condconv_jax.geometry import conv_geometry
 from tests import reference
 
 STRATEGIES = ('vmap', 'experts', 'direct', 'loop', 'auto')
@@ -155,3 +158,33 @@ def test_conditional_conv_rejects_bad_shapes():
   with pytest.raises(ValueError, match='too small'):
     condconv_jax.conditional_conv(x[:, :2, :2], experts, jnp.ones((2, 3)),
                                   padding='VALID')
+
+
+def assert_per_example_conv_matches(f, conv, x, kernels, rng):
+  """f(x, kernels) (one kernel per example) against the float64 reference
+  conv: values, and the gradients for a random cotangent drawn from rng."""
+  expected = conv.apply(x, kernels)
+  dy = rng.standard_normal(expected.shape)
+  dx_want, dk_want = conv.vjp(x, kernels, dy)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  assert rel_err(jax.jit(f)(f32(x), f32(kernels)), expected) <= 1e-5
+  dx, dk = jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), f32(dy)),
+                            argnums=(0, 1)))(f32(x), f32(kernels))
+  assert rel_err(dx, dx_want) <= 1e-5
+  assert rel_err(dk, dk_want) <= 1e-5
+
+
+@pytest.mark.parametrize('kernel,strides,padding,dilation', [
+    (3, 1, 'SAME', 1), (3, 2, 'SAME', 1), (5, 1, 'VALID', 2),
+    (1, 2, 'SAME', 1), (2, 1, ((0, 1), (1, 0)), 1)])
+def test_per_example_matmul_conv_gradients(kernel, strides, padding, dilation):
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 9, 10, 3))
+  kernels = rng.standard_normal((2, kernel, kernel, 3, 4))
+  geom = conv_geometry(x.shape, kernels.shape[1:], strides=strides,
+                       padding=padding, kernel_dilation=dilation)
+  conv = reference.Conv(x.shape, kernels.shape[1:], (strides,) * 2, padding,
+                        kernel_dilation=(dilation,) * 2)
+  assert_per_example_conv_matches(
+      lambda x, k: ops.per_example_matmul_conv(x, k, geom), conv, x, kernels,
+      rng)

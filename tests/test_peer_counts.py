@@ -4,7 +4,7 @@ import pytest
 import timm
 import torchvision
 
-from condconv_jax import cost
+from condconv_jax.models import cost
 from condconv_jax.models import get_model
 
 PEERS = [

@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from condconv_jax.training import routing_analysis, trainer
 from tests import tiny
-from tests.test_data import write_fashion_mnist
+from tests.test_fashion_mnist import write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,14 +2,15 @@
 
 import numpy as np
 
-from condconv_jax.training import data
-from configs import base
+from condconv_jax.config_schema import get_base_config
+from condconv_jax.data import common
+from configs import tree_crowns
 
 NUM_CLASSES = 3
 
 
 def config(**overrides):
-  c = base.get_base_config()
+  c = get_base_config()
   c.model = 'mobilenet_v1_mini'
   c.width = 0.25
   c.num_experts = 2
@@ -40,16 +41,15 @@ def dataset(cfg, num_train=32, num_test=10, seed=0):
                                                             None]
     return images.astype(np.uint8), labels.astype(np.int64)
 
-  return data.ArrayDataset(split(num_train), split(num_test), NUM_CLASSES,
-                           cfg.batch_size, cfg.seed, mean=0.5, std=0.3)
+  return common.ArrayDataset(split(num_train), split(num_test), NUM_CLASSES,
+                             cfg.batch_size, cfg.seed, mean=0.5, std=0.3)
 
 
 def detection_config(**overrides):
-  """The tree-crown job (configs/deepforest.py) at toy size: 64x64 inputs,
+  """The tree-crown job (configs/tree_crowns.py) at toy size: 64x64 inputs,
   width 0.25, static (compiling CondConv's detector is what costs here; the
   mock COCO test trains one), a few steps."""
-  from configs import deepforest  # pylint: disable=g-import-not-at-top
-  c = deepforest.get_config()
+  c = tree_crowns.get_config()
   c.num_experts = 0
   c.compare_num_experts = ()
   c.image_size = 64

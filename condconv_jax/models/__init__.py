@@ -45,7 +45,7 @@ def _mobilenet_v2(*, width, depth, **kwargs):
   """CondConv in the last four stages (64-320 features, the final 11 blocks),
   the head conv and the classifier: of the final-blocks placements this one
   matches the paper's 329M MADDs and 27.5M parameters (330.1M, 27.56M; the
-  scan is in the README)."""
+  scan is in docs/models.md)."""
   defaults = dict(stages=MOBILENET_V2, activation='relu6', bn_momentum=0.9,
                   bn_epsilon=1e-5, padding='symmetric', dropout_rate=0.2,
                   condconv_stages=(4, 5, 6, 7), condconv_head=True,
@@ -56,7 +56,7 @@ def _mobilenet_v2(*, width, depth, **kwargs):
 def _mnasnet_a1(*, width, depth, **kwargs):
   """CondConv in the final block (320 features) and the classifier: of the
   final-blocks placements this one is closest to the paper's (unverified)
-  325M MADDs (327.0M; the scan is in the README)."""
+  325M MADDs (327.0M; the scan is in docs/models.md)."""
   defaults = dict(stages=MNASNET_A1, activation='relu', dropout_rate=0.2,
                   condconv_stages=(7,), condconv_head=False,
                   condconv_classifier=True, shared_routing=False,
@@ -82,7 +82,7 @@ def _resnet(layers, *, width, depth, **kwargs):
 def _ssd_mobilenet_v1(*, width, depth, **kwargs):
   """MobileNetV1 SSD300 (TF ssd_mobilenet_v1_coco); CondConv in separable
   layers 7-13, the extra layers and the box predictors (kernel mixing
-  +4.2% MADDs at 8 experts, the paper's +4%; the scan is in the README)."""
+  +4.2% MADDs at 8 experts, the paper's +4%; the scan is in docs/detection.md)."""
   _require_depth_one('ssd_mobilenet_v1', depth)
   return SSDMobileNetV1(width=width, **kwargs)
 

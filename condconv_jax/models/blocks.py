@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from condconv_jax import ops
+from condconv_jax import static_ops
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.choices import check_choice
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
@@ -111,9 +111,10 @@ class ConvFactory:
     if depthwise:
       return DepthwiseConv(**common)
     # nn.Conv's module and parameters, computed in the fastest form for the
-    # backend (on CPU a 1x1 conv is a matmul: see ops.conv_general_dilated).
+    # backend (on CPU a 1x1 conv is a matmul: static_ops.conv_general_dilated).
     return nn.Conv(feature_group_count=groups,
-                   conv_general_dilated=ops.conv_general_dilated, **common)
+                   conv_general_dilated=static_ops.conv_general_dilated,
+                   **common)
 
 
 @dataclasses.dataclass(frozen=True)

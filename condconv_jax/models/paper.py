@@ -1,4 +1,4 @@
-"""The paper's cost figures for each model variant (../shared/PAPER.md).
+"""The paper's cost figures for each model variant (docs/paper.md).
 
 Each row: (label, model name, get_model kwargs, paper params or None, paper
 MADDs, source). Source 'V' = verified in the paper or official code, 'U' =
@@ -29,5 +29,5 @@ PAPER_COSTS = (
 
 # The COCO detector (MobileNetV1 1.0 SSD300), paper figures [V]: minival mAP
 # static and with CondConv, and the relative inference cost of CondConv.
-# The paper's placement and expert count are not stated (../shared/PAPER.md).
+# The paper's placement and expert count are not stated (docs/paper.md).
 PAPER_SSD = dict(static_map=20.3, condconv_map=22.4, relative_cost=0.04)

@@ -38,8 +38,8 @@ through the same ConvFactory as the classifiers. The default, all three
 (layers 7-13), is the placement whose cost is the paper's "+4%": at 8
 experts its kernel mixing adds 4.2% to the static SSD300's 1237M MADDs
 (4.5% with the routing functions), where backbone + extra layers add 3.3%
-and backbone + predictors 2.8% (the scan is in the README; `python -m
-condconv_jax.detection`). A predictor's bias stays static (one per output,
+and backbone + predictors 2.8% (the scan is in docs/detection.md; `python -m
+condconv_jax.models --detector`). A predictor's bias stays static (one per output,
 not per expert): CondConv mixes kernels, and per-expert biases mixed by
 sigmoid routing weights would scale a class bias prior (the focal config's
 -4.6) by the sum of the weights, about E/2 at initialization.

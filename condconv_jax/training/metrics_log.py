@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from condconv_jax.training import workdir as workdir_lib
+from condconv_jax import paths
 
 
 class MetricsLog:
@@ -50,7 +50,7 @@ class MetricsLog:
       self.tensorboard.add_scalar(f'{split}/{name}', value, step)
     self.tensorboard.flush()
     self.lines.append(json.dumps({'step': step, 'split': split, **metrics}))
-    workdir_lib.write_text(self.jsonl_path, '\n'.join(self.lines) + '\n')
+    paths.write_text(self.jsonl_path, '\n'.join(self.lines) + '\n')
 
   def progress_to(self, step: int, metrics: dict) -> float:
     """Advances the bar to `step`; returns images/s since the last call."""
@@ -77,7 +77,7 @@ class MetricsLog:
 
 def _tensorboard_writer(logdir: epath.Path):
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  if not workdir_lib.is_remote(logdir):
+  if not paths.is_remote(logdir):
     return SummaryWriter(str(logdir))
   return _MirroredSummaryWriter(logdir)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from condconv_jax.training import workdir as workdir_lib
+from condconv_jax import paths
 
 
 def _group_sums(variables, batch, *, model, normalize, num_classes):
@@ -123,6 +123,6 @@ def save_figure(fig, path):
   """Saves a matplotlib figure as PNG to a local path or a gs:// URI."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=110)
-  path = workdir_lib.as_path(path)
+  path = paths.as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(buffer.getvalue())

@@ -17,6 +17,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from condconv_jax.detection import postprocess
+from condconv_jax.training.coco_eval import METRICS, CocoEvaluator
+
 
 class Classification:
   """Softmax cross-entropy (optionally label-smoothed) and top-1 accuracy."""
@@ -86,7 +89,6 @@ class Detection:
                          batch['labels'], batch['box_mask'])
 
   def detections(self, outputs):
-    from condconv_jax.detection import postprocess  # pylint: disable=g-import-not-at-top
     return postprocess(outputs, self.anchors, **self.postprocess_kwargs)
 
   def eval_outputs(self, outputs, batch):
@@ -107,7 +109,6 @@ class _CocoOnProcessZero:
   the numbers are then broadcast, so every process returns the same."""
 
   def __init__(self):
-    from condconv_jax.training.coco_eval import CocoEvaluator  # pylint: disable=g-import-not-at-top
     self.coco = CocoEvaluator() if jax.process_index() == 0 else None
 
   def add(self, outputs):
@@ -115,7 +116,6 @@ class _CocoOnProcessZero:
       self.coco.add(outputs)
 
   def result(self) -> dict:
-    from condconv_jax.training.coco_eval import METRICS  # pylint: disable=g-import-not-at-top
     names = (*METRICS, 'count')
     values = np.zeros(len(names), np.float64)
     if self.coco is not None:

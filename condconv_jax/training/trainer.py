@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,13 +30,14 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from condconv_jax import cost
-from condconv_jax.models import get_model
-from condconv_jax.training import checkpoint, data, optim, tasks
-from condconv_jax.training import workdir as workdir_lib
+from condconv_jax import data, paths
 from condconv_jax.choices import check_choice
+from condconv_jax.detection import losses
+from condconv_jax.models import cost, get_model
+from condconv_jax.training import checkpoint, optim, tasks
 from condconv_jax.training.metrics_log import MetricsLog
 from condconv_jax.training.preemption import PreemptionWatch
+from condconv_jax.training.workdir import check_shared
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Model fields a config may set; None in the config keeps the model default.
@@ -109,10 +109,11 @@ def eval_step(variables, batch, *, model, task, normalize):
 
 
 def make_task(config, dataset, model):
-  """Detection for the detection datasets (SSD loss and COCO metrics; the
-  anchors of the model at the dataset's image size), else classification."""
-  if config.dataset in data.DETECTION_DATASETS:
-    from condconv_jax.detection import losses  # pylint: disable=g-import-not-at-top
+  """The dataset's task: detection (SSD loss and COCO metrics; the anchors
+  of the model at the dataset's image size) or classification."""
+  task = check_choice('dataset.task', dataset.task,
+                      ('classification', 'detection'))
+  if task == 'detection':
     presets = {'tf_coco': losses.TF_COCO_LOSS,
                'tf_tpu_focal': losses.TF_TPU_FOCAL_LOSS}
     loss = presets[check_choice('config.detection_loss',
@@ -295,10 +296,10 @@ def train_and_evaluate(config, workdir, *, dataset=None,
   params, MADDs and whether the run was preempted. step_hooks are called
   with each finished step (tests use them to simulate preemption).
   """
-  workdir = workdir_lib.as_path(workdir)
+  workdir = paths.as_path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-  workdir_lib.check_shared(workdir)
+  check_shared(workdir)
   trainer = Trainer(config, dataset)
   model_cost = trainer.cost
   mngr = checkpoint.manager(workdir, config)
@@ -311,7 +312,7 @@ def train_and_evaluate(config, workdir, *, dataset=None,
     mngr.close()
     raise
   if jax.process_index() == 0:  # after the restore: a failed one changes nothing
-    workdir_lib.write_text(workdir / 'config.json', config.to_json_best_effort(
+    paths.write_text(workdir / 'config.json', config.to_json_best_effort(
         indent=2, sort_keys=True))
   start_step = int(state.step)
   log = MetricsLog(workdir, trainer.total_steps, start_step,
@@ -373,26 +374,8 @@ def train_and_evaluate(config, workdir, *, dataset=None,
              **({f'eval_{k}': v for k, v in eval_metrics.items()}
                 if eval_metrics else {})}
   if jax.process_index() == 0:
-    workdir_lib.write_json(workdir / 'summary.json', summary)
+    paths.write_json(workdir / 'summary.json', summary)
   return state, summary
-
-
-def load_config(directory):
-  """The resolved config a run (or the converter) wrote to `directory`, as
-  a locked ConfigDict."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  path = workdir_lib.as_path(directory) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{path} not found: pass --config, or point '
-                            f'--workdir at a training workdir.')
-  saved = json.loads(path.read_text())
-  config = base.get_base_config()
-  with config.unlocked():  # free-form dicts: their keys are not in base
-    config.model_kwargs = saved.pop('model_kwargs', {})
-    config.loss_kwargs = saved.pop('loss_kwargs', {})
-  saved['compare_num_experts'] = tuple(saved.get('compare_num_experts', ()))
-  config.update(saved)
-  return config
 
 
 def restore_for_eval(config, workdir, step: int | None = None,
@@ -400,7 +383,7 @@ def restore_for_eval(config, workdir, step: int | None = None,
   """(trainer, variables) from a workdir's checkpoint, for evaluation and
   analysis: the EMA variables when the run keeps an EMA."""
   trainer = Trainer(config, dataset)
-  mngr = checkpoint.manager(workdir_lib.as_path(workdir), config,
+  mngr = checkpoint.manager(paths.as_path(workdir), config,
                             read_only=True)
   try:
     state = checkpoint.restore(mngr, trainer.abstract_state(), step)

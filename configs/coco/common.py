@@ -1,6 +1,6 @@
 """The TF Object Detection API's recipes for MobileNetV1 SSD300 on COCO,
 transcribed from tensorflow/models research/object_detection/samples/configs
-(../shared/PAPER.md). TF counts in steps at a fixed batch and does not scale
+(docs/paper.md). TF counts in steps at a fixed batch and does not scale
 the learning rate with it; here durations are in epochs of TFDS coco/2017
 train and the learning rate is per 256 examples, so both follow an
 overridden batch size.
@@ -14,7 +14,7 @@ checkpoint (fine_tune_checkpoint); these configs train from scratch, so
 expect less than the paper's mAP unless the backbone is pre-trained.
 """
 
-from configs import base
+from condconv_jax.config_schema import get_base_config
 
 COCO_TRAIN = 118_287  # TFDS coco/2017 train images
 
@@ -53,7 +53,7 @@ TF_TPU_RECIPE = dict(
 
 
 def ssd_config(num_experts: int, recipe: dict):
-  c = base.get_base_config()
+  c = get_base_config()
   c.model = 'ssd_mobilenet_v1'
   c.num_experts = num_experts
   c.dataset = 'coco'

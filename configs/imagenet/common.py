@@ -1,4 +1,4 @@
-"""Recipes shared by the ImageNet experiment files (../shared/PAPER.md).
+"""Recipes shared by the ImageNet experiment files (docs/paper.md).
 
 Hardware and time: these configs target a TPU v3/v4 slice or a multi-GPU
 host; none has been run to completion in this project (no ImageNet here), so
@@ -6,7 +6,7 @@ no training time is claimed. Throughput on your hardware: the progress bar
 prints images/s and the ETA from the first hundred steps.
 """
 
-from configs import base
+from condconv_jax.config_schema import get_base_config
 
 # The official EfficientNet/MnasNet TPU recipe: RMSProp (TF), 0.016 per 256
 # with 5 warm-up epochs, x0.97 every 2.4 epochs, 350 epochs, batch 2048,
@@ -30,7 +30,7 @@ RESNET_RECIPE = dict(
 
 
 def _config(model: str, num_experts: int, values: dict):
-  c = base.get_base_config()
+  c = get_base_config()
   c.model = model
   c.num_experts = num_experts
   c.update(values)

@@ -24,8 +24,8 @@ import math
 import jax
 import numpy as np
 
-from condconv_jax.training import data
 from condconv_jax.choices import check_choice
+from condconv_jax.data import common
 
 NORMALIZATIONS = {
     # mean, std of RGB in [0, 255]
@@ -41,12 +41,14 @@ CROP_PADDING = 32
 SHUFFLE_BUFFER = 50_000
 
 
-class ImageNet(data.SquareImages):
+class ImageNet(common.SquareImages):
   """imagenet2012 from TFDS, sharded by process."""
 
+  task = 'classification'
   num_classes = 1000
 
   def __init__(self, config):
+    # TensorFlow (tf.data) loads only for the datasets that stream with it.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')  # tf.data only; JAX owns GPUs.
@@ -55,18 +57,18 @@ class ImageNet(data.SquareImages):
     mean, std = NORMALIZATIONS[check_choice('config.normalization',
                                             config.normalization,
                                             tuple(NORMALIZATIONS))]
-    self.normalization = data.Normalization(mean, std)
+    self.normalization = common.Normalization(mean, std)
     self.builder = tfds.builder('imagenet2012',
                                 data_dir=config.data_dir or None)
     try:
-      self.num_train = data.tfds_num_examples(self.builder, 'train')
-      self.num_eval = data.tfds_num_examples(self.builder, 'validation')
+      self.num_train = common.tfds_num_examples(self.builder, 'train')
+      self.num_eval = common.tfds_num_examples(self.builder, 'validation')
     except Exception as error:
       raise FileNotFoundError(_NOT_PREPARED.format(
           data_dir=self.builder.data_dir, error=error)) from error
     self.image_size = config.image_size
     self.batch_size = config.batch_size
-    self.local_batch = data.local_batch_size(self.batch_size)
+    self.local_batch = common.local_batch_size(self.batch_size)
     self.seed = config.seed
     self.augment = config.augment != 'none'
 
@@ -116,7 +118,7 @@ class ImageNet(data.SquareImages):
       return {'image': image,
               'label': self.tf.cast(example['label'], self.tf.int32)}
 
-    return data.tfds_train_batches(
+    return common.tfds_train_batches(
         self._records, preprocess, tf=self.tf, tfds=self.tfds, seed=self.seed,
         steps_per_epoch=self.steps_per_epoch, local_batch=self.local_batch,
         shuffle_buffer=SHUFFLE_BUFFER, start_step=start_step)
@@ -133,15 +135,15 @@ class ImageNet(data.SquareImages):
                             'label': tf.cast(ex['label'], tf.int32)},
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(self.local_batch).prefetch(tf.data.AUTOTUNE)
-    ds = ds.with_options(data.deterministic_options(tf))
+    ds = ds.with_options(common.deterministic_options(tf))
     count = 0
     for batch in tfds.as_numpy(ds):
       count += 1
-      yield data.pad_batch(batch, self.local_batch)
+      yield common.pad_batch(batch, self.local_batch)
     empty = {'image': np.zeros((0, *self.image_shape), np.uint8),
              'label': np.zeros((0,), np.int32)}
     for _ in range(num_batches - count):  # keep every process in step
-      yield data.pad_batch(empty, self.local_batch)
+      yield common.pad_batch(empty, self.local_batch)
 
 
 _NOT_PREPARED = (

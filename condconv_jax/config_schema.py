@@ -1,9 +1,17 @@
-"""Every field a config may set, with defaults. Experiment files start from
-`get_base_config()` and change values; a new or misspelled key errors, because
-train.py locks the config."""
+"""Every field a config may set, with defaults, and the config a run wrote.
+
+Experiment files (`configs/`) start from `get_base_config()` and change
+values; a new or misspelled key errors, because the config is locked.
+"""
+
+from __future__ import annotations
+
+import json
 
 import ml_collections
 from ml_collections import config_dict
+
+from condconv_jax import paths
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -24,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.routing_dropout = config_dict.placeholder(float)
   c.model_kwargs = ml_collections.ConfigDict()  # e.g. placement overrides
   # Data.
-  c.dataset = 'imagenet2012'  # or 'fashion_mnist', 'coco', 'deepforest'
+  c.dataset = 'imagenet2012'  # a name in condconv_jax.data.DATASETS
   c.data_dir = ''
   c.image_size = 224
   c.normalization = 'imagenet'
@@ -66,3 +74,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.compare_num_experts = ()
   c.lock()  # experiment files may change values, not add keys
   return c
+
+
+def load_config(directory) -> ml_collections.ConfigDict:
+  """The resolved config a run (or the converter) wrote to `directory`, as
+  a locked ConfigDict."""
+  path = paths.as_path(directory) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path} not found: pass --config, or point '
+                            f'--workdir at a training workdir.')
+  saved = json.loads(path.read_text())
+  config = get_base_config()
+  with config.unlocked():  # free-form dicts: their keys are not in the base
+    config.model_kwargs = saved.pop('model_kwargs', {})
+    config.loss_kwargs = saved.pop('loss_kwargs', {})
+  saved['compare_num_experts'] = tuple(saved.get('compare_num_experts', ()))
+  config.update(saved)
+  return config

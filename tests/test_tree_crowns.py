@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from condconv_jax.training import deepforest
+from condconv_jax.data import tree_crowns
 from tests import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,8 +22,8 @@ def data_dir():
   data fails: these tests are the only check of the embedded job's data."""
   folder = pathlib.Path(os.environ.get('DEEPFOREST_DATA') or
                         REPO / 'data' / 'deepforest')
-  if not (folder / deepforest.WHEEL).exists():
-    pytest.fail(f'{deepforest.WHEEL} is not in {folder}. Get it with: '
+  if not (folder / tree_crowns.WHEEL).exists():
+    pytest.fail(f'{tree_crowns.WHEEL} is not in {folder}. Get it with: '
                 f'.venv/bin/pip download --no-deps deepforest==2.1.0 -d '
                 f'{REPO / "data" / "deepforest"}')
   return str(folder)
@@ -31,21 +31,21 @@ def data_dir():
 
 @pytest.fixture(scope='module')
 def wheel(data_dir):
-  return zipfile.ZipFile(pathlib.Path(data_dir) / deepforest.WHEEL)
+  return zipfile.ZipFile(pathlib.Path(data_dir) / tree_crowns.WHEEL)
 
 
 def dataset(data_dir, **overrides):
   cfg = tiny.config(image_size=96, batch_size=4, augment='aerial',
                     data_dir=data_dir)
   cfg.update(overrides)
-  return deepforest.TreeCrowns(cfg)
+  return tree_crowns.TreeCrowns(cfg)
 
 
 @pytest.mark.parametrize('name,count', [
-    (deepforest.YELL_IMAGES[0], 574), (deepforest.YELL_IMAGES[1], 279),
+    (tree_crowns.YELL_IMAGES[0], 574), (tree_crowns.YELL_IMAGES[1], 279),
     ('OSBS_029', 61), ('SOAP_061', 37)])
 def test_voc_parser_reads_every_crown(wheel, name, count):
-  boxes, names = deepforest.read_voc(wheel.read(f'deepforest/data/{name}.xml'))
+  boxes, names = tree_crowns.read_voc(wheel.read(f'deepforest/data/{name}.xml'))
   assert boxes.shape == (count, 4) and len(names) == count
   if name == 'SOAP_061':
     assert (names.count('Alive'), names.count('Dead')) == (9, 28)
@@ -58,7 +58,7 @@ def test_voc_boxes_equal_the_wheels_csv(wheel):
   xmin, ymin, xmax, ymax: an independent reading of the coordinates."""
   rows = wheel.read('deepforest/data/OSBS_029.csv').decode().splitlines()[1:]
   csv = np.array([[float(v) for v in row.split(',')[1:5]] for row in rows])
-  boxes, _ = deepforest.read_voc(wheel.read('deepforest/data/OSBS_029.xml'))
+  boxes, _ = tree_crowns.read_voc(wheel.read('deepforest/data/OSBS_029.xml'))
   np.testing.assert_array_equal(boxes, csv[:, [1, 0, 3, 2]])
 
 
@@ -69,14 +69,14 @@ def test_voc_box_outside_the_stated_size_is_an_error():
          '</bndbox></object></annotation>')
   with pytest.raises(ValueError, match='a.png: object 0 .* outside the image '
                      'of 100 x 50 pixels'):
-    deepforest.read_voc(xml)
+    tree_crowns.read_voc(xml)
 
 
 def test_missing_wheel_says_how_to_get_it(tmp_path, monkeypatch):
   monkeypatch.delenv('DEEPFOREST_DATA', raising=False)
   with pytest.raises(FileNotFoundError, match='pip download --no-deps '
                      'deepforest==2.1.0 -d <data_dir>'):
-    deepforest.TreeCrowns(tiny.config(augment='aerial',
+    tree_crowns.TreeCrowns(tiny.config(augment='aerial',
                                       data_dir=str(tmp_path)))
 
 
@@ -86,7 +86,7 @@ def test_an_unzipped_wheel_reads_the_same(data_dir, wheel, tmp_path):
   for name in wheel.namelist():
     if name.startswith('deepforest/data/') and name.endswith(('.png', '.xml')):
       wheel.extract(name, tmp_path)
-  unzipped, packed = deepforest.load(str(tmp_path)), deepforest.load(data_dir)
+  unzipped, packed = tree_crowns.load(str(tmp_path)), tree_crowns.load(data_dir)
   assert unzipped.keys() == packed.keys()
   for name, arrays in packed.items():
     for a, b in zip(arrays, unzipped[name]):
@@ -94,9 +94,9 @@ def test_an_unzipped_wheel_reads_the_same(data_dir, wheel, tmp_path):
 
 
 def test_images_match_their_annotations(data_dir):
-  images = deepforest.load(data_dir)
-  sizes = {deepforest.YELL_IMAGES[0]: (2472, 2299),
-           deepforest.YELL_IMAGES[1]: (1035, 1249),
+  images = tree_crowns.load(data_dir)
+  sizes = {tree_crowns.YELL_IMAGES[0]: (2472, 2299),
+           tree_crowns.YELL_IMAGES[1]: (1035, 1249),
            'OSBS_029': (400, 400), 'SOAP_061': (400, 400)}
   for name, (image, boxes, labels) in images.items():
     assert image.shape == (*sizes[name], 3) and image.dtype == np.uint8
@@ -112,13 +112,13 @@ def count_inside(box, top, left, tile):
 
 
 def test_crops_keep_boxes_half_inside_clipped(data_dir):
-  image, boxes, _ = deepforest.load(data_dir)[deepforest.YELL_IMAGES[0]]
+  image, boxes, _ = tree_crowns.load(data_dir)[tree_crowns.YELL_IMAGES[0]]
   assert (boxes == np.round(boxes)).all()  # pixel counting applies
   rng = np.random.default_rng(0)
   corners = [(0, 0), (2472 - 400, 2299 - 400)] + [
       tuple(rng.integers(0, (2472 - 399, 2299 - 399))) for _ in range(6)]
   for top, left in corners:
-    framed, area, kept = deepforest.crop_ground_truth(boxes, top, left)
+    framed, area, kept = tree_crowns.crop_ground_truth(boxes, top, left)
     want = []
     for i, box in enumerate(boxes):
       inside = count_inside(box, top, left, 400)
@@ -132,7 +132,7 @@ def test_crops_keep_boxes_half_inside_clipped(data_dir):
       np.testing.assert_allclose(crop_box * 400,
                                  [y0 - top, x0 - left, y1 - top, x1 - left])
       assert crop_area == count_inside(box, top, left, 400)
-  assert sum(len(deepforest.crop_ground_truth(boxes, t, l)[2])
+  assert sum(len(tree_crowns.crop_ground_truth(boxes, t, l)[2])
              for t, l in corners) > 50
 
 
@@ -141,7 +141,7 @@ def test_the_half_area_rule_at_its_boundary():
                     [391, 50, 411, 70],    # 9 of 20: dropped
                     [400, 90, 420, 110],   # touches the edge: dropped
                     [-5, 392, 15, 402]])   # 15 x 8 of 20 x 10: kept
-  framed, area, kept = deepforest.crop_ground_truth(boxes, 0, 0)
+  framed, area, kept = tree_crowns.crop_ground_truth(boxes, 0, 0)
   np.testing.assert_array_equal(kept, [0, 3])
   np.testing.assert_allclose(framed * 400, [[390, 10, 400, 30],
                                             [0, 392, 15, 400]])
@@ -158,7 +158,7 @@ def test_flips_and_rotations_move_boxes_with_the_pixels():
   seen = set()
   for code in range(8):
     flags = [bool(code & 1), bool(code & 2), bool(code & 4)]
-    out, out_box = deepforest.dihedral(image, box, *flags)
+    out, out_box = tree_crowns.dihedral(image, box, *flags)
     ys, xs = np.nonzero(out[..., 0])
     extent = [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
     np.testing.assert_allclose(out_box[0] * s, extent)
@@ -178,7 +178,7 @@ def test_batch_k_depends_only_on_seed_and_k(data_dir, monkeypatch):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   assert straight[0]['image'].shape == (4, 96, 96, 3)
-  assert straight[0]['boxes'].shape == (4, deepforest.MAX_BOXES, 4)
+  assert straight[0]['boxes'].shape == (4, tree_crowns.MAX_BOXES, 4)
   assert straight[0]['box_mask'].sum() > 0
   assert not np.array_equal(straight[0]['image'], straight[1]['image'])
   other_seed = take(dataset(data_dir, seed=1).train_batches(0), 1)[0]
@@ -238,8 +238,8 @@ def test_evaluation_covers_every_tile_once(data_dir, monkeypatch, processes,
 def test_test_split_is_the_two_whole_annotated_images(data_dir, wheel):
   ds = dataset(data_dir)
   for (image, boxes, labels, area), name in zip(ds.examples('test'),
-                                                deepforest.TEST_IMAGES):
-    pixels, _ = deepforest.read_voc(wheel.read(f'deepforest/data/{name}.xml'))
+                                                tree_crowns.TEST_IMAGES):
+    pixels, _ = tree_crowns.read_voc(wheel.read(f'deepforest/data/{name}.xml'))
     np.testing.assert_allclose(boxes * 400, pixels, atol=1e-4)
     np.testing.assert_allclose(
         area, (pixels[:, 2] - pixels[:, 0]) * (pixels[:, 3] - pixels[:, 1]))

@@ -1,26 +1,35 @@
-"""Datasets as deterministic, resumable, per-process batch iterators.
+"""What every dataset shares: the interface, and the helpers that build it.
 
-Every dataset offers the same interface:
+A dataset is an object with:
 
-  train_batches(start_step) -> iterator of {'image', 'label'} process-local
-      batches; batch k depends only on (seed, k), so a run resumed at step s
-      sees exactly the batches an uninterrupted run would have seen.
-  eval_batches() -> iterator of {'image', 'label', 'mask'}: every example of
-      the split exactly once; the last batch is padded and masked, and every
-      process yields the same number of batches (collectives stay in step).
+  task: 'classification' or 'detection', which picks the trainer's task
+      (loss and metrics, `condconv_jax.training.tasks`).
+  num_classes, image_shape (H, W, C), num_train, steps_per_epoch.
   normalization: a `Normalization` the trainer applies on the device.
+  train_batches(start_step) -> iterator of process-local batches; batch k
+      depends only on (seed, k), so a run resumed at step s sees exactly the
+      batches an uninterrupted run would have seen.
+  eval_batches(split=None) -> iterator of process-local batches holding
+      every example of the split exactly once: the last batch is padded,
+      'mask' [b] marks the real examples (`pad_batch`), and every process
+      yields the same number of batches (collectives stay in step).
 
-Images are uint8 (4x fewer bytes to move than float32). Each process reads
-its own shard of every global batch.
+Batches hold numpy arrays; images are uint8 [b, H, W, C] under 'image' (4x
+fewer bytes to move than float32). Each process reads its own shard of
+every global batch (`local_batch_size`).
+  classification: 'label' int32 [b].
+  detection: ground truth padded to G boxes, 'boxes' float32 [b, G, 4]
+      normalized [ymin, xmin, ymax, xmax], 'labels' int32 [b, G] (the
+      model's class columns, 1 .. num_classes - 1; 0 on padding),
+      'box_mask' bool [b, G]; evaluation batches add 'image_id' int64 [b],
+      'image_size' int32 [b, 2] (source pixels: COCO's area ranges are in
+      pixels), 'gt_area' float32 [b, G] and 'gt_crowd' bool [b, G].
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
-import os
-import struct
 from collections.abc import Iterator
 
 import jax
@@ -28,60 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from condconv_jax.choices import check_choice
-
-CLASSIFICATION_DATASETS = ('fashion_mnist', 'imagenet2012')
-DETECTION_DATASETS = ('coco', 'deepforest')
-DATASETS = CLASSIFICATION_DATASETS + DETECTION_DATASETS
-FASHION_MNIST_AUGMENTATIONS = ('shift_flip', 'none')
-FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-
-
-def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (gzipped or not), the format of (Fashion-)MNIST."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
-  if len(data) < 4:
-    raise ValueError(f'{path}: not an IDX file (too short).')
-  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
-  if zero != 0 or dtype_code != 0x08:
-    raise ValueError(f'{path}: not an unsigned-byte IDX file.')
-  shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
-  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-  if body.size != math.prod(shape):
-    raise ValueError(f'{path}: expected {math.prod(shape)} values for shape '
-                     f'{shape}, found {body.size} (truncated file?).')
-  return body.reshape(shape)
-
-
-def load_fashion_mnist(data_dir: str | None = None):
-  """{'train': (images [N,28,28,1] uint8, labels [N]), 'test': ...}."""
-  candidates = ([data_dir] if data_dir else
-                [os.environ.get('FASHION_MNIST_DIR', ''),
-                 *FASHION_MNIST_DIRS])
-  for directory in filter(None, candidates):
-    files = {split: (os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'),
-                     os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'))
-             for split, prefix in (('train', 'train'), ('test', 't10k'))}
-    if all(os.path.exists(p) for pair in files.values() for p in pair):
-      return {split: (read_idx(images)[..., None], read_idx(labels))
-              for split, (images, labels) in files.items()}
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    return {split: _arrays(tfds.as_numpy(tfds.load(
-        'fashion_mnist', split=split, batch_size=-1)))
-            for split in ('train', 'test')}
-  except Exception as error:  # No files and no download either.
-    raise FileNotFoundError(
-        'Fashion-MNIST not found. Install the files with '
-        '`apt-get install dataset-fashion-mnist` (they go to '
-        '/usr/share/datasets/fashion-mnist), or point --config.data_dir or '
-        'FASHION_MNIST_DIR at a folder holding train-images-idx3-ubyte.gz, '
-        'train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and '
-        't10k-labels-idx1-ubyte.gz, or run where tfds.load("fashion_mnist") '
-        f'can download. (tfds said: {error})') from error
-
 
 def tfds_num_examples(builder, split: str) -> int:
   """Examples in a TFDS split (or slice); counted by reading where the
@@ -166,10 +121,6 @@ def local_batch_size(batch_size: int) -> int:
   return batch_size // jax.process_count()
 
 
-def _arrays(batch):
-  return batch['image'], batch['label']
-
-
 @dataclasses.dataclass(frozen=True)
 class Normalization:
   """uint8 images -> (x - mean) / std per channel, in float32 on the device.
@@ -191,6 +142,8 @@ class ArrayDataset:
 
   mean, std: of the pixel values scaled to [0, 1] (the usual statement).
   """
+
+  task = 'classification'
 
   train: tuple[np.ndarray, np.ndarray]
   test: tuple[np.ndarray, np.ndarray]
@@ -284,22 +237,40 @@ def pad_batch(batch: dict, size: int) -> dict:
   padded['mask'] = np.arange(size) < n
   return padded
 
+# The TF Object Detection API's SSD input scaling, (2 / 255) x - 1
+# (`models/ssd_mobilenet_v1_feature_extractor.py` `preprocess`), which both
+# detection datasets use.
+SSD_NORMALIZATION = Normalization((127.5,) * 3, (127.5,) * 3)
 
-def make_dataset(config):
-  """The dataset a config names."""
-  check_choice('config.dataset', config.dataset, DATASETS)
-  if config.dataset == 'fashion_mnist':
-    augment = check_choice('config.augment', config.augment,
-                           FASHION_MNIST_AUGMENTATIONS)
-    splits = load_fashion_mnist(config.data_dir or None)
-    return ArrayDataset(splits['train'], splits['test'], 10, config.batch_size,
-                        config.seed, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-                        augment=augment != 'none')
-  if config.dataset == 'coco':
-    from condconv_jax.training import coco  # pylint: disable=g-import-not-at-top
-    return coco.Coco(config)
-  if config.dataset == 'deepforest':
-    from condconv_jax.training import deepforest  # pylint: disable=g-import-not-at-top
-    return deepforest.TreeCrowns(config)
-  from condconv_jax.training import imagenet  # pylint: disable=g-import-not-at-top
-  return imagenet.ImageNet(config)
+
+def crop_boxes(boxes, window, min_overlap, xp=np):
+  """Ground truth of a crop: the TF Object Detection API's rule.
+
+  `core/preprocessor.py` `_strict_random_crop_image` with
+  `core/box_list_ops.py`: a box is dropped when it lies completely outside
+  the window (`prune_completely_outside_window`: touching an edge counts as
+  outside) or when the fraction of its own area inside the window, its
+  intersection over area (IoA), is below `min_overlap`
+  (`prune_non_overlapping_boxes`); the kept boxes move to the window's frame
+  (`change_coordinate_frame`) and are clipped to [0, 1]. A box of zero area
+  has IoA 0 / 0 = NaN in TF, which fails every threshold: it is dropped.
+
+  boxes: [N, 4] [ymin, xmin, ymax, xmax]; window: [4] in the same units
+  (normalized or pixels); min_overlap: scalar. xp: numpy, or
+  tf.experimental.numpy inside a tf.data pipeline (one rule, two callers).
+  Returns (boxes [N, 4] in the window's normalized frame, clipped to [0, 1];
+  keep [N] bool). Rows where keep is False are meaningless.
+  """
+  ymin, xmin, ymax, xmax = (boxes[:, i] for i in range(4))
+  wy0, wx0, wy1, wx1 = (window[i] for i in range(4))
+  height = xp.minimum(ymax, wy1) - xp.maximum(ymin, wy0)
+  width = xp.minimum(xmax, wx1) - xp.maximum(xmin, wx0)
+  area = (ymax - ymin) * (xmax - xmin)
+  # inter / area >= t written as inter >= t * area: no 0 / 0 for degenerate
+  # boxes, which the area > 0 term drops as TF's NaN does.
+  keep = ((height > 0) & (width > 0) & (area > 0) &
+          (height * width >= min_overlap * area))
+  win_h, win_w = wy1 - wy0, wx1 - wx0
+  framed = xp.stack([(ymin - wy0) / win_h, (xmin - wx0) / win_w,
+                     (ymax - wy0) / win_h, (xmax - wx0) / win_w], axis=1)
+  return xp.clip(framed, 0.0, 1.0), keep

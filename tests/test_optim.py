@@ -11,17 +11,17 @@ import optax
 import pytest
 from flax import traverse_util
 
-from condconv_jax import cost
+from condconv_jax.models import cost
 from condconv_jax.models import get_model
 from condconv_jax.training import optim, trainer
-from configs import base
+from condconv_jax.config_schema import get_base_config
 from tests import tiny
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def recipe(**overrides):
-  c = base.get_base_config()
+  c = get_base_config()
   c.update(overrides)
   return c
 

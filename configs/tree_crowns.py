@@ -3,7 +3,7 @@ MobileNetV1 SSD and its CondConv twin.
 
 Command (CPU, 2 cores: about 6 minutes for both runs, 5.9-6.2 measured):
   pip download --no-deps deepforest==2.1.0 -d data/deepforest
-  python train.py --config configs/deepforest.py --workdir /tmp/trees
+  python train.py --config configs/tree_crowns.py --workdir /tmp/trees
   python eval.py --workdir /tmp/trees/experts_8 --detections_png trees.png
 
 Data: the annotated NEON images that the MIT-licensed deepforest wheel ships
@@ -16,18 +16,18 @@ Every 400-pixel crop, tile and test image is resized to image_size.
 Crowns are 20-60 pixels, so the anchors are smaller than SSD300's, and the
 model is trained from scratch (no ImageNet weights here).
 It prints test AP and AP50 (COCO metrics, pycocotools) of both models side
-by side; the README reports 3 seeds.
+by side; docs/detection.md reports 3 seeds.
 """
 
-from configs import base
+from condconv_jax.config_schema import get_base_config
 
 
 def get_config():
-  c = base.get_base_config()
+  c = get_base_config()
   c.model = 'ssd_mobilenet_v1'
   c.compare_num_experts = (0, 8)
   c.width = 0.25
-  c.dataset = 'deepforest'
+  c.dataset = 'tree_crowns'
   c.data_dir = 'data/deepforest'
   c.image_size = 192
   c.augment = 'aerial'

@@ -10,7 +10,7 @@ with probability 0.15 (random_coef) the image is kept whole; otherwise
 `random_crop_image`/`_strict_random_crop_image`: a window of aspect ratio
 0.5-2 and 10%-100% of the area covering at least min_object_covered of some
 box (`sample_distorted_bounding_box`, 100 attempts, the whole image when
-none fits), boxes kept by `detection_data.crop_boxes` (intersection over
+none fits), boxes kept by `common.crop_boxes` (intersection over
 their own area >= overlap_thresh, clipped to the window). Then
 fixed_shape_resizer: BILINEAR to config.image_size squared (300 x 300 in the
 TF config), aspect not kept; evaluation only resizes. TF flips before
@@ -47,8 +47,8 @@ import jax
 import numpy as np
 
 from condconv_jax.choices import check_choice
+from condconv_jax.data import common
 from condconv_jax.detection.boxes import validate_ground_truth
-from condconv_jax.training import data, detection_data
 
 AUGMENTATIONS = ('ssd', 'none')
 # Splits with annotations ('test' has none); TFDS slices such as
@@ -99,7 +99,7 @@ COCO_NAMES = (
     'teddy bear', 'hair drier', 'toothbrush')
 
 
-class Coco(data.SquareImages):
+class Coco(common.SquareImages):
   """coco/2017 from TFDS, sharded by process.
 
   train_batches(start_step) yields, per process, b = batch_size / processes:
@@ -114,11 +114,13 @@ class Coco(data.SquareImages):
     'gt_crowd' bool [b, G].
   """
 
+  task = 'detection'
   num_classes = NUM_CLASSES
   max_boxes = MAX_BOXES
-  normalization = detection_data.SSD_NORMALIZATION
+  normalization = common.SSD_NORMALIZATION
 
   def __init__(self, config):
+    # TensorFlow (tf.data) loads only for the datasets that stream with it.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')  # tf.data only; JAX owns GPUs.
@@ -129,8 +131,8 @@ class Coco(data.SquareImages):
     _check_eval_split(self.eval_split)
     self.builder = tfds.builder('coco/2017', data_dir=config.data_dir or None)
     try:
-      self.num_train = data.tfds_num_examples(self.builder, 'train')
-      self.num_eval = data.tfds_num_examples(self.builder, self.eval_split)
+      self.num_train = common.tfds_num_examples(self.builder, 'train')
+      self.num_eval = common.tfds_num_examples(self.builder, self.eval_split)
     except Exception as error:
       raise FileNotFoundError(_NOT_PREPARED.format(
           data_dir=self.builder.data_dir, error=error)) from error
@@ -138,7 +140,7 @@ class Coco(data.SquareImages):
         self.builder.info.features['objects']['label'].names)
     self.image_size = config.image_size
     self.batch_size = config.batch_size
-    self.local_batch = data.local_batch_size(self.batch_size)
+    self.local_batch = common.local_batch_size(self.batch_size)
     self.seed = config.seed
 
   def _records(self, split, **kwargs):
@@ -203,7 +205,7 @@ class Coco(data.SquareImages):
         aspect_ratio_range=SSD_ASPECT_RATIO_RANGE,
         area_range=SSD_AREA_RANGE, max_attempts=SSD_MAX_ATTEMPTS,
         use_image_if_no_bounding_boxes=True)
-    cropped, keep = detection_data.crop_boxes(
+    cropped, keep = common.crop_boxes(
         boxes, window[0, 0], tf.gather(SSD_OVERLAP_THRESH, option), xp=tnp)
     whole = tf.stack([0, 0, image_shape[0], image_shape[1]])
     return (tf.where(crop, tf.stack([begin[0], begin[1], size[0], size[1]]),
@@ -259,7 +261,7 @@ class Coco(data.SquareImages):
     return batch
 
   def train_batches(self, start_step: int = 0):
-    batches = data.tfds_train_batches(
+    batches = common.tfds_train_batches(
         self._records, self._train_example, tf=self.tf, tfds=self.tfds,
         seed=self.seed, steps_per_epoch=self.steps_per_epoch,
         local_batch=self.local_batch, shuffle_buffer=SHUFFLE_BUFFER,
@@ -273,7 +275,7 @@ class Coco(data.SquareImages):
     split = split or self.eval_split
     _check_eval_split(split)
     total = (self.num_eval if split == self.eval_split else
-             data.tfds_num_examples(self.builder, split))
+             common.tfds_num_examples(self.builder, split))
     shards = tfds.even_splits(split, n=jax.process_count(),
                               drop_remainder=False)
     num_batches = math.ceil(
@@ -281,11 +283,11 @@ class Coco(data.SquareImages):
     ds = self._records(shards[jax.process_index()], shuffle_files=False)
     ds = ds.map(self._eval_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(self.local_batch).prefetch(tf.data.AUTOTUNE)
-    ds = ds.with_options(data.deterministic_options(tf))
+    ds = ds.with_options(common.deterministic_options(tf))
     count = 0
     for batch in tfds.as_numpy(ds):
       count += 1
-      yield self._checked(data.pad_batch(batch, self.local_batch))
+      yield self._checked(common.pad_batch(batch, self.local_batch))
     g, s = MAX_BOXES, self.image_size
     empty = {'image': np.zeros((0, s, s, 3), np.uint8),
              'boxes': np.zeros((0, g, 4), np.float32),
@@ -296,7 +298,7 @@ class Coco(data.SquareImages):
              'gt_area': np.zeros((0, g), np.float32),
              'gt_crowd': np.zeros((0, g), bool)}
     for _ in range(num_batches - count):  # keep every process in step
-      yield data.pad_batch(empty, self.local_batch)
+      yield common.pad_batch(empty, self.local_batch)
 
 
 def _check_eval_split(split: str):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condconv_jax import cost
 from condconv_jax.detection import TF_COCO_LOSS
+from condconv_jax.models import __main__ as models_cli
+from condconv_jax.models import cost, get_model
 from condconv_jax.models.ssd import BoxPredictor, SSDMobileNetV1
-from condconv_jax.models import get_model
 from tests.test_detection_matcher import gt_batch
 
 SSD300 = (1, 300, 300, 3)
@@ -36,11 +36,11 @@ def test_ssd300_parameters_by_hand():
   depths = [512, 1024, 512, 256, 256, 128]
   predictors = sum(d * o + o for d, o in zip(depths, outputs))
   assert c.params == backbone + extra_convs + extra_bn + predictors
-  assert c.params == 6_819_839  # PAPER.md: ~6.8M with a 91-way head
+  assert c.params == 6_819_839  # docs/paper.md: ~6.8M with a 91-way head
 
 
-# (num_experts) -> (params, MADDs) of SSD300: the README's table
-# (`python -m condconv_jax.detection`).
+# (num_experts) -> (params, MADDs) of SSD300: docs/detection.md's table
+# (`python -m condconv_jax.models --detector`).
 PINNED_SSD300 = {0: (6_819_839, 1_237_129_408),
                  8: (52_636_687, 1_292_517_568)}
 
@@ -50,6 +50,22 @@ def test_ssd300_cost_pins(num_experts):
   c = cost.count(get_model('ssd_mobilenet_v1', num_experts=num_experts),
                  SSD300)
   assert (c.params, c.macs) == PINNED_SSD300[num_experts]
+
+
+def test_detector_cost_tables(capsys):
+  # The CLI's rows are cost.count's figures: pinned above at 300x300, here
+  # the static row and the default placement at a cheap size.
+  models_cli.detector_tables(64, 2)
+  out = capsys.readouterr().out
+  static = cost.count(get_model('ssd_mobilenet_v1'), (1, 64, 64, 3))
+  default = cost.count(get_model('ssd_mobilenet_v1', num_experts=2),
+                       (1, 64, 64, 3))
+  assert f'| MobileNetV1 1.0 SSD64 | {static.params:,} |' in out
+  assert f'| CC-MobileNetV1 1.0 SSD64 (2) | {default.params:,} |' in out
+  placements = [line for line in out.splitlines()
+                if line.startswith('| backbone') or line.startswith('| extra')
+                or line.startswith('| box')]
+  assert len(placements) == len(models_cli.PLACEMENTS)
 
 
 def shapes_of(model, image_shape):

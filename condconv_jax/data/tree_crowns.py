@@ -29,11 +29,11 @@ it with the fewest 400 x 400 tiles, evenly spaced; neighbours overlap, so a
 crown near a tile border is scored in each tile that keeps it (crowns
 near a tile border count in each tile that keeps them).
 A crop keeps a box when at least half of the box's area lies inside it,
-clipped to the crop (`detection_data.crop_boxes` with min_overlap 0.5).
+clipped to the crop (`common.crop_boxes` with min_overlap 0.5).
 VOC coordinates are used as given, as continuous pixel coordinates (as
 deepforest reads them: its OSBS_029.csv holds the same numbers).
 
-Batches have the layout of `condconv_jax.training.coco.Coco` with G =
+Batches have the detection layout (`condconv_jax.data.common`) with G =
 MAX_BOXES: train 'image' uint8 [b, S, S, 3], 'boxes' float32 [b, G, 4]
 normalized [ymin, xmin, ymax, xmax], 'labels' int32 [b, G] (1, 0 on
 padding), 'box_mask' bool [b, G]; evaluation adds 'mask' bool [b],
@@ -54,10 +54,11 @@ import zipfile
 import jax
 import numpy as np
 from etils import epath
+from PIL import Image
 
 from condconv_jax.choices import check_choice
+from condconv_jax.data import common
 from condconv_jax.detection.boxes import validate_ground_truth
-from condconv_jax.training import data, detection_data
 
 WHEEL = 'deepforest-2.1.0-py3-none-any.whl'
 WHEEL_DATA = 'deepforest/data'
@@ -129,7 +130,6 @@ def _reader(data_dir: str):
 def load(data_dir: str = ''):
   """{image name: (image uint8 [H, W, 3], boxes float64 [N, 4] pixels,
   labels int32 [N])} for the train, validation and test images."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   read = _reader(data_dir)
   images = {}
   for name in (*YELL_IMAGES, *TEST_IMAGES):
@@ -164,7 +164,7 @@ def crop_ground_truth(boxes, top: int, left: int, tile: int = TILE):
   (boxes [K, 4] normalized to the crop, area [K] in pixels after clipping,
   indices [K] into boxes)."""
   window = np.array([top, left, top + tile, left + tile], np.float64)
-  framed, keep = detection_data.crop_boxes(boxes, window, MIN_OVERLAP)
+  framed, keep = common.crop_boxes(boxes, window, MIN_OVERLAP)
   # In pixels, not from the normalized boxes: exact for integer boxes.
   clipped = np.clip(boxes[keep], window[:2].tolist() * 2,
                     window[2:].tolist() * 2)
@@ -190,13 +190,14 @@ def dihedral(image, boxes, hflip: bool, vflip: bool, rot90: bool):
           np.stack([ymin, xmin, ymax, xmax], axis=1).reshape(-1, 4))
 
 
-class TreeCrowns(data.SquareImages):
+class TreeCrowns(common.SquareImages):
   """The deepforest tree-crown images as a detection dataset (see the
   module docstring for splits and batch layout)."""
 
+  task = 'detection'
   num_classes = NUM_CLASSES
   max_boxes = MAX_BOXES
-  normalization = detection_data.SSD_NORMALIZATION
+  normalization = common.SSD_NORMALIZATION
 
   def __init__(self, config):
     self.augment = check_choice('config.augment', config.augment,
@@ -204,7 +205,7 @@ class TreeCrowns(data.SquareImages):
     self.images = load(config.data_dir or '')
     self.image_size = config.image_size
     self.batch_size = config.batch_size
-    self.local_batch = data.local_batch_size(self.batch_size)
+    self.local_batch = common.local_batch_size(self.batch_size)
     self.seed = config.seed
     self._examples = {}
     # Windows (image, top, left) of the training regions' grid tiles; an
@@ -236,7 +237,6 @@ class TreeCrowns(data.SquareImages):
   def _resize(self, image):
     if image.shape[0] == self.image_size:
       return image
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     return np.asarray(Image.fromarray(image).resize(
         (self.image_size, self.image_size), Image.BILINEAR))
 
@@ -246,7 +246,7 @@ class TreeCrowns(data.SquareImages):
     if len(kept) > MAX_BOXES:
       raise ValueError(f'A {TILE} x {TILE} crop of {name} at ({top}, {left}) '
                        f'holds {len(kept)} boxes, more than '
-                       f'deepforest.MAX_BOXES = {MAX_BOXES}: raise it.')
+                       f'tree_crowns.MAX_BOXES = {MAX_BOXES}: raise it.')
     return (image[top:top + TILE, left:left + TILE], framed.astype(np.float32),
             labels[kept], area.astype(np.float32))
 
@@ -338,7 +338,7 @@ class TreeCrowns(data.SquareImages):
       else:  # this process's shard is done: an all-padding batch
         batch = {k: v[:0] for k, v in self._stack(
             [self._eval_row(0, *examples[0])]).items()}
-      yield self._checked(data.pad_batch(batch, self.local_batch))
+      yield self._checked(common.pad_batch(batch, self.local_batch))
 
   def _eval_row(self, index, image, boxes, labels, area):
     gt_area = np.zeros(MAX_BOXES, np.float32)

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from condconv_jax.training import checkpoint, data, routing_analysis, trainer
+from condconv_jax.data import common
+from condconv_jax.training import checkpoint, routing_analysis, trainer
 from tests import tiny
+from tests.test_fashion_mnist import write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +99,7 @@ def test_interrupt_and_resume_reproduce_the_uninterrupted_run(tmp_path):
       jax.tree.leaves(resumed.ema_params)[0])
 
 
-class _NaNAtStep2(data.ArrayDataset):
+class _NaNAtStep2(common.ArrayDataset):
   """Float images (the normalization takes any dtype), NaN at step 2."""
 
   def train_batches(self, start_step=0):
@@ -292,7 +294,6 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
 
 
 def test_corrupt_checkpoint_gives_one_message_on_the_command_line(tmp_path):
-  from tests.test_data import write_fashion_mnist
   data_dir = write_fashion_mnist(tmp_path / 'fashion', 32, 8)
   workdir = tmp_path / 'run'
   result = _run(['train.py', '--config', 'configs/fashion_mnist.py',
@@ -343,7 +344,6 @@ def test_routing_analysis_matches_direct_computation(tmp_path):
 
 
 def test_train_and_eval_command_lines(tmp_path):
-  from tests.test_data import write_fashion_mnist
   data_dir = write_fashion_mnist(tmp_path / 'fashion', 64, 20)
   workdir = tmp_path / 'run'
   result = _run(['train.py', '--config', 'configs/fashion_mnist.py',

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from condconv_jax.training import coco, detection_data
+from condconv_jax.data import coco, common
 from tests import tiny
 
 tf = pytest.importorskip('tensorflow')
@@ -103,7 +103,7 @@ def test_crop_rule_equals_brute_force_in_numpy_and_tf(threshold):
   want_kept, want_boxes = brute_force_crop(BOXES, WINDOW, threshold)
   for xp, boxes, window in ((np, BOXES, WINDOW),
                             (tnp, tf.constant(BOXES), tf.constant(WINDOW))):
-    framed, keep = detection_data.crop_boxes(boxes, window, threshold, xp=xp)
+    framed, keep = common.crop_boxes(boxes, window, threshold, xp=xp)
     keep = np.asarray(keep)
     np.testing.assert_array_equal(np.flatnonzero(keep), want_kept)
     np.testing.assert_allclose(np.asarray(framed)[keep], want_boxes,
