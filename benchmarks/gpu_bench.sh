@@ -1,22 +1,20 @@
 #!/bin/bash
-# The GPU benchmarks of docs/speed.md, on one NVIDIA GPU machine whose python3 has
-# JAX (CUDA), flax, optax, PyTorch and timm:
+# The GPU benchmarks of docs/speed.md, on one NVIDIA GPU machine whose
+# python3 has JAX (CUDA), flax, optax, PyTorch and timm:
 #
 #   OUT=/some/folder PARTS="b0_depthwise" benchmarks/gpu_bench.sh
 #
-# PARTS (default: all of them, far more than one lent session's 15 minutes;
-# each part fits one 600 s command):
-# b0_depthwise (CC-EfficientNet-B0 with its depthwise CondConv layers in the
-# candidate forms of depthwise_variants.py), bf16_128 (ResNet-50 with a vmap
-# twin, EfficientNet-B0: the GPU table in docs/speed.md), float32, bf16_256, layers (the
-# 1x1, depthwise and 3x3 layer rows) and host_cpu (the second-CPU layer
-# table, on two host cores).
+# PARTS (default: all of them, far more than one 10-minute command; each
+# part fits one 600 s command): b0_depthwise (CC-EfficientNet-B0 with its
+# depthwise CondConv layers in the candidate forms of depthwise_variants.py),
+# bf16_128 (ResNet-50 with a vmap twin, EfficientNet-B0: the GPU table in
+# docs/speed.md), float32, bf16_256, layers (the 1x1, depthwise and 3x3
+# layer rows) and host_cpu (the second-CPU layer table, on two host cores).
 # One file per run in $OUT (default /tmp/gpu_bench); every run has its own
 # timeout, so a slow or failing one leaves the others' files. Compiling is
-# most of the time: on the H200 machine one EfficientNet-B0 variant (bf16,
-# batch 128) took 38-103 s alone, and four side by side 119-151 s each, one
-# over 220 s: they autotune side by side on the one GPU. So every variant
-# compiles in the process that times it, one after another, into a
+# most of the time (docs/speed.md gives the compile times), and compiles
+# running side by side autotune side by side on the one GPU. So every
+# variant compiles in the process that times it, one after another, into a
 # persistent cache ($CACHE) that a second call on the same machine reuses.
 set -u
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@ unattributed, see `timed_events`). Prints the categories
 side by side, then the slowest operations of the CondConv step with what
 they are. `--save DIR` keeps each step's trace and optimized HLO (gzipped),
 and `--load DIR` attributes saved ones again without a device, so a step
-profiled on a lent GPU can be read on any machine.
+profiled on a GPU can be read on any machine.
 """
 
 from __future__ import annotations

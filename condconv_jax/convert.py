@@ -33,8 +33,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-import safetensors.numpy
 from flax import traverse_util
 
 from condconv_jax import paths
@@ -187,6 +185,9 @@ def load_state_dict(path: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found.')
   if path.endswith('.safetensors'):
+    # Imported here, like orbax below: converting weights in Python
+    # (`from_timm`) needs neither.
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
     return safetensors.numpy.load_file(path)
   try:  # PyTorch is optional: only .pth/.bin files need it.
     import torch  # pylint: disable=g-import-not-at-top
@@ -202,6 +203,7 @@ def load_state_dict(path: str) -> dict:
 def save_variables(variables: dict, out_dir, config=None):
   """An orbax checkpoint of the variables (+ config.json for eval.py), in a
   local folder or at a gs:// URI."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = paths.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -219,6 +221,7 @@ def load_variables(checkpoint_dir, target=None) -> dict:
   replicated over a mesh spanning every process, which eval.py passes) to
   restore into; without it the arrays land on the default device.
   """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = paths.as_path(checkpoint_dir) / 'variables'
   if not path.exists():
     raise FileNotFoundError(f'{path} not found: expected a folder written by '

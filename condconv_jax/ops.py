@@ -36,7 +36,7 @@ from jax import lax
 from condconv_jax import static_ops
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import ConvGeometry, PaddingLike, conv_geometry
-from condconv_jax.static_ops import im2col_patches, kernel_taps, static_conv
+
 
 def mix_experts(routing_weights: jax.Array, experts: jax.Array,
                 precision=None) -> jax.Array:
@@ -73,7 +73,7 @@ def tap_matmul_conv(x: jax.Array, kernels: jax.Array, geom: ConvGeometry,
   groups = geom.feature_group_count
   _, _, cin_g, cout = geom.kernel_shape
   out = None
-  for i, j, tap in kernel_taps(x, geom):
+  for i, j, tap in static_ops.kernel_taps(x, geom):
     if groups == 1:
       # A plain 3-D batched matmul: XLA:CPU runs it ~3x faster than the same
       # contraction written with singleton group axes.
@@ -107,14 +107,16 @@ def _matmul_conv_forward(x, kernels, geom, precision):
   batch = x.shape[0]
   out_h, out_w = geom.out_spatial
   flat = kernels.reshape(batch, -1, kernels.shape[-1])
-  out = jnp.matmul(im2col_patches(x, geom), flat, precision=precision)
+  patches = static_ops.im2col_patches(x, geom)
+  out = jnp.matmul(patches, flat, precision=precision)
   return out.reshape(batch, out_h, out_w, -1), (x, kernels)
 
 
 def _matmul_conv_backward(geom, precision, residuals, cotangent):
   x, kernels = residuals
   batch = x.shape[0]
-  patches, patches_pullback = jax.vjp(lambda x_: im2col_patches(x_, geom), x)
+  patches, patches_pullback = jax.vjp(
+      lambda x_: static_ops.im2col_patches(x_, geom), x)
   dy = cotangent.reshape(batch, -1, cotangent.shape[-1])
   flat = kernels.reshape(batch, -1, kernels.shape[-1])
   d_kernels = jnp.matmul(jnp.swapaxes(patches, 1, 2), dy, precision=precision)
@@ -139,7 +141,8 @@ def per_example_conv_loop(x: jax.Array, kernels: jax.Array,
   XLA's gradient of a conv inside a loop is much slower than the static
   backward.
   """
-  one = lambda xk: static_conv(xk[0][None], xk[1], geom, precision)[0]
+  one = lambda xk: static_ops.static_conv(xk[0][None], xk[1], geom,
+                                          precision)[0]
   return lax.map(one, (x, kernels))
 
 
@@ -167,7 +170,8 @@ def per_example_vmap_conv(x: jax.Array, kernels: jax.Array,
 
   x: [B, H, W, Cin], kernels: [B, kh, kw, Cin/g, Cout] -> [B, Ho, Wo, Cout].
   """
-  one = lambda xb, kb: static_conv(xb[None], kb, geom, precision)[0]
+  one = lambda xb, kb: static_ops.static_conv(xb[None], kb, geom,
+                                              precision)[0]
   return jax.vmap(one)(x, kernels)
 
 
@@ -211,7 +215,7 @@ def _pointwise_experts(x, experts, routing_weights, geom, precision):
   For a classifier (1x1 spatial) that is exactly the kernel-mixing matmul's
   cost, without the per-example kernels and their gradients.
   """
-  (_, _, tap), = kernel_taps(x, geom)
+  (_, _, tap), = static_ops.kernel_taps(x, geom)
   batch, out_h, out_w, cin = tap.shape
   num_experts, cout = experts.shape[0], experts.shape[-1]
   scaled = (tap[:, :, :, None, :] *

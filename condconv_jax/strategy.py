@@ -1,8 +1,8 @@
 """How "auto" picks a CondConv strategy, and per-conv-kind strategy specs.
 
 The rule, per conv kind (`conv_kind`), measured with
-`benchmarks/layer_bench.py` and `benchmarks/model_bench.py` on two CPUs and
-an NVIDIA H200 (figures and commands: docs/speed.md, "The rules"):
+`benchmarks/layer_bench.py` and `benchmarks/model_bench.py` on CPUs and an
+NVIDIA H200 (figures and commands: docs/speed.md, "The rules"):
 
 - classifier (ungrouped 1x1 on a 1x1 input): "experts", one matmul of the
   routing-scaled inputs with the stacked experts: the MACs of the kernel

@@ -1,6 +1,7 @@
 """The embedded default: a small MobileNet and its CondConv twin on Fashion-MNIST.
 
-Command (CPU, 2 cores: about 3 minutes for both runs, 2.6-3.0 measured):
+Command (CPU, 2 cores: a few minutes for both runs; docs/training.md gives
+the measured times):
   python train.py --config configs/fashion_mnist.py --workdir /tmp/fashion
 
 Data: the Debian package dataset-fashion-mnist (`apt-get install

@@ -1,7 +1,8 @@
 """The embedded detection job: tree crowns in aerial images, a small
 MobileNetV1 SSD and its CondConv twin.
 
-Command (CPU, 2 cores: about 6 minutes for both runs, 5.9-6.2 measured):
+Command (CPU, 2 cores: minutes for both runs; docs/detection.md gives the
+measured times):
   pip download --no-deps deepforest==2.1.0 -d data/deepforest
   python train.py --config configs/tree_crowns.py --workdir /tmp/trees
   python eval.py --workdir /tmp/trees/experts_8 --detections_png trees.png

@@ -7,7 +7,9 @@ import pytest
 
 from condconv_jax import data
 from condconv_jax.data import common
+from condconv_jax.training import trainer
 from tests import tiny
+from tests.test_fashion_mnist import write_fashion_mnist
 
 
 def _dataset(batch_size=4, n_train=10, n_test=7, augment=True):
@@ -74,3 +76,26 @@ def test_unknown_string_options_name_the_valid_ones(field, value, valid):
                      f'{valid}; got {value!r}'):
     data.make_dataset(cfg)
 
+
+
+# The task each registered dataset declares: what the trainer learns on it.
+TASKS = {'fashion_mnist': 'classification', 'imagenet2012': 'classification',
+         'coco': 'detection', 'tree_crowns': 'detection'}
+
+
+def test_every_registered_dataset_declares_its_task(tmp_path):
+  assert set(data.DATASETS) == set(TASKS)
+  for name, build in data.DATASETS.items():
+    if name == 'fashion_mnist':  # built by a function: build one
+      folder = write_fashion_mnist(tmp_path / 'fashion', 8, 4)
+      build = build(tiny.config(data_dir=str(folder)))
+    assert build.task == TASKS[name], name
+
+
+def test_a_dataset_without_a_task_is_named_in_the_error():
+  class Unlabelled:
+    num_classes = 3
+
+  with pytest.raises(ValueError, match="Unlabelled.task must be one of "
+                     "'classification', 'detection'; got None"):
+    trainer.make_task(tiny.config(), Unlabelled(), model=None)

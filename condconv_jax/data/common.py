@@ -38,6 +38,7 @@ import numpy as np
 
 from condconv_jax.choices import check_choice
 
+
 def tfds_num_examples(builder, split: str) -> int:
   """Examples in a TFDS split (or slice); counted by reading where the
   dataset has no split metadata (tfds mock data)."""
@@ -236,6 +237,7 @@ def pad_batch(batch: dict, size: int) -> dict:
     padded[key][:n] = value
   padded['mask'] = np.arange(size) < n
   return padded
+
 
 # The TF Object Detection API's SSD input scaling, (2 / 255) x - 1
 # (`models/ssd_mobilenet_v1_feature_extractor.py` `preprocess`), which both

@@ -111,7 +111,8 @@ def eval_step(variables, batch, *, model, task, normalize):
 def make_task(config, dataset, model):
   """The dataset's task: detection (SSD loss and COCO metrics; the anchors
   of the model at the dataset's image size) or classification."""
-  task = check_choice('dataset.task', dataset.task,
+  task = check_choice(f'{type(dataset).__name__}.task',
+                      getattr(dataset, 'task', None),
                       ('classification', 'detection'))
   if task == 'detection':
     presets = {'tf_coco': losses.TF_COCO_LOSS,
