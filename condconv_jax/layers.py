@@ -13,42 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from condconv_jax import ops, static_ops
-from condconv_jax import strategy as strategy_lib
+from condconv_jax import layer_math
 from condconv_jax.geometry import PaddingLike
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.linear.default_kernel_init
-
-ROUTING_ACTIVATIONS = ('sigmoid', 'softmax')
-
-
-def per_expert(init: Initializer, num_experts: int) -> Initializer:
-  """Initializes each expert on its own shape (so fan-in/out are the static
-  conv's), the way the official CondConv code does: shape = [E, *expert]."""
-  def init_fn(key, shape, dtype=jnp.float32):
-    keys = jax.random.split(key, num_experts)
-    return jnp.stack([init(k, tuple(shape[1:]), dtype) for k in keys])
-  return init_fn
-
-
-def _check_rank4(x, who: str):
-  if x.ndim != 4:
-    raise ValueError(f'{who}: x must be NHWC with rank 4 [batch, height, '
-                     f'width, channels], got shape {x.shape}.')
-
-
-def _kernel_size_pair(kernel_size) -> tuple[int, int]:
-  if isinstance(kernel_size, int):
-    return (kernel_size, kernel_size)
-  kernel_size = tuple(kernel_size)
-  if len(kernel_size) != 2:
-    raise ValueError(f'kernel_size must be an int or a pair for a 2D conv, '
-                     f'got {kernel_size!r}.')
-  return kernel_size
 
 
 class Routing(nn.Module):
@@ -71,22 +42,15 @@ class Routing(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    if self.num_experts < 1:
-      raise ValueError(f'num_experts must be >= 1, got {self.num_experts}.')
-    if self.activation not in ROUTING_ACTIVATIONS:
-      raise ValueError(f'activation must be one of {ROUTING_ACTIVATIONS}, got '
-                       f'{self.activation!r}.')
-    _check_rank4(x, 'Routing')
-    dtype = jnp.promote_types(x.dtype, jnp.float32)  # never below float32
-    pooled = jnp.mean(x.astype(dtype), axis=(1, 2))
-    logits = nn.Dense(self.num_experts, dtype=dtype,
+    layer_math.check_routing(self.num_experts, self.activation,
+                             self.temperature)
+    pooled = layer_math.routing_pool(x)
+    logits = nn.Dense(self.num_experts, dtype=pooled.dtype,
                       param_dtype=self.param_dtype,
                       kernel_init=self.kernel_init, bias_init=self.bias_init,
                       name='dense')(pooled)
-    if self.activation == 'sigmoid':
-      weights = jax.nn.sigmoid(logits)
-    else:
-      weights = jax.nn.softmax(logits / self.temperature, axis=-1)
+    weights = layer_math.routing_activation(logits, self.activation,
+                                            self.temperature)
     if self.dropout_rate > 0:
       weights = nn.Dropout(self.dropout_rate)(weights,
                                               deterministic=deterministic)
@@ -138,41 +102,28 @@ class CondConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, routing_weights: jax.Array | None = None,
                *, deterministic: bool = True) -> jax.Array:
-    if not isinstance(self.num_experts, int) or self.num_experts < 1:
-      raise ValueError(f'num_experts must be an int >= 1, got '
-                       f'{self.num_experts!r}.')
-    strategy_lib.parse(self.strategy)  # ValueError for a bad spec
-    _check_rank4(x, 'CondConv')
-    groups = self.feature_group_count
-    in_features = x.shape[-1]
-    if in_features % groups:
-      raise ValueError(f'CondConv: input channels ({in_features}) must be '
-                       f'divisible by feature_group_count ({groups}).')
-    if self.features % groups:
-      raise ValueError(f'CondConv: features ({self.features}) must be '
-                       f'divisible by feature_group_count ({groups}).')
+    layer_math.check_rank4(x, 'CondConv')
+    kernel_shape = layer_math.condconv_kernel_shape(
+        self.kernel_size, x.shape[-1], self.features,
+        self.feature_group_count, self.num_experts, self.strategy)
     num_experts = self.num_experts
     if routing_weights is None:
       routing_weights = self.routing(num_experts=num_experts, name='routing')(
           x, deterministic=deterministic)
-    elif routing_weights.shape != (x.shape[0], num_experts):
-      raise ValueError(f'routing_weights must be [batch, num_experts] = '
-                       f'{(x.shape[0], num_experts)}, got shape '
-                       f'{routing_weights.shape}.')
-    kernel_shape = (num_experts, *_kernel_size_pair(self.kernel_size),
-                    in_features // groups, self.features)
-    kernel = self.param('kernel', per_expert(self.kernel_init, num_experts),
-                        kernel_shape, self.param_dtype)
+    kernel = self.param(
+        'kernel', layer_math.per_expert(self.kernel_init, num_experts),
+        kernel_shape, self.param_dtype)
     bias = None
     if self.use_bias:
-      bias = self.param('bias', per_expert(self.bias_init, num_experts),
-                        (num_experts, self.features), self.param_dtype)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return ops.conditional_conv(
-        x, kernel, routing_weights, bias, strides=self.strides,
+      bias = self.param(
+          'bias', layer_math.per_expert(self.bias_init, num_experts),
+          (num_experts, self.features), self.param_dtype)
+    return layer_math.condconv(
+        x, kernel, bias, routing_weights, strides=self.strides,
         padding=self.padding, input_dilation=self.input_dilation,
-        kernel_dilation=self.kernel_dilation, feature_group_count=groups,
-        strategy=self.strategy, precision=self.precision)
+        kernel_dilation=self.kernel_dilation,
+        feature_group_count=self.feature_group_count, strategy=self.strategy,
+        dtype=self.dtype, precision=self.precision)
 
 
 class DepthwiseConv(nn.Module):
@@ -203,25 +154,18 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_rank4(x, 'DepthwiseConv')
-    channels = x.shape[-1]
-    if self.feature_group_count not in (None, channels):
-      raise ValueError(f'DepthwiseConv: feature_group_count must equal the '
-                       f'input channels ({channels}) or be None, got '
-                       f'{self.feature_group_count}.')
-    features = self.features or channels
-    if features % channels:
-      raise ValueError(f'DepthwiseConv: features ({features}) must be a '
-                       f'multiple of the input channels ({channels}).')
-    kernel = self.param('kernel', self.kernel_init,
-                        (*_kernel_size_pair(self.kernel_size), 1, features),
-                        self.param_dtype)
+    layer_math.check_rank4(x, 'DepthwiseConv')
+    features = layer_math.depthwise_features(x.shape[-1], self.features,
+                                             self.feature_group_count)
+    kernel = self.param(
+        'kernel', self.kernel_init,
+        layer_math.depthwise_kernel_shape(self.kernel_size, features),
+        self.param_dtype)
     bias = (self.param('bias', self.bias_init, (features,), self.param_dtype)
             if self.use_bias else None)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = static_ops.depthwise_conv(
-        x, kernel, strides=self.strides, padding=self.padding,
+    return layer_math.depthwise(
+        x, kernel, bias, strides=self.strides, padding=self.padding,
         input_dilation=self.input_dilation,
         kernel_dilation=self.kernel_dilation,
-        implementation=self.implementation, precision=self.precision)
-    return y if bias is None else y + bias
+        implementation=self.implementation, dtype=self.dtype,
+        precision=self.precision)

@@ -1,0 +1,155 @@
+"""What the Linen and NNX faces of each layer share: argument checks,
+parameter shapes, initializers, and the forward math on given parameters.
+
+`layers.py` (Flax Linen) and `nnx.py` (Flax NNX) only create parameters
+and hand them here, so the two APIs compute the same function with the
+same parameter tree:
+
+  CondConv        kernel [E, kh, kw, Cin/g, Cout], bias [E, Cout],
+                  routing/dense/{kernel [Cin, E], bias [E]}
+  Routing         dense/{kernel [Cin, E], bias [E]}
+  DepthwiseConv   kernel [kh, kw, 1, C*m], bias [C*m] (nn.Conv's)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from condconv_jax import ops, static_ops
+from condconv_jax import strategy as strategy_lib
+
+Initializer = Callable[..., jax.Array]
+ROUTING_ACTIVATIONS = ('sigmoid', 'softmax')
+
+
+def per_expert(init: Initializer, num_experts: int) -> Initializer:
+  """Initializes each expert on its own shape (so fan-in/out are the static
+  conv's), the way the official CondConv code does: shape = [E, *expert]."""
+  def init_fn(key, shape, dtype=jnp.float32):
+    keys = jax.random.split(key, num_experts)
+    return jnp.stack([init(k, tuple(shape[1:]), dtype) for k in keys])
+  return init_fn
+
+
+def check_rank4(x, who: str):
+  if x.ndim != 4:
+    raise ValueError(f'{who}: x must be NHWC with rank 4 [batch, height, '
+                     f'width, channels], got shape {x.shape}.')
+
+
+def kernel_size_pair(kernel_size) -> tuple[int, int]:
+  if isinstance(kernel_size, int):
+    return (kernel_size, kernel_size)
+  kernel_size = tuple(kernel_size)
+  if len(kernel_size) != 2:
+    raise ValueError(f'kernel_size must be an int or a pair for a 2D conv, '
+                     f'got {kernel_size!r}.')
+  return kernel_size
+
+
+def check_num_experts(num_experts):
+  if (not isinstance(num_experts, int) or isinstance(num_experts, bool) or
+      num_experts < 1):
+    raise ValueError(f'num_experts must be an int >= 1, got '
+                     f'{num_experts!r}.')
+
+
+def check_routing(num_experts, activation: str, temperature):
+  """Raises on a bad routing configuration (temperature may be a traced
+  value: a schedule can drive it)."""
+  check_num_experts(num_experts)
+  if activation not in ROUTING_ACTIVATIONS:
+    raise ValueError(f'activation must be one of {ROUTING_ACTIVATIONS}, got '
+                     f'{activation!r}.')
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f'temperature must be > 0, got {temperature!r}.')
+
+
+def routing_pool(x: jax.Array) -> jax.Array:
+  """GAP(x) [B, C], in at least float32 whatever the input dtype."""
+  check_rank4(x, 'Routing')
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.mean(x.astype(dtype), axis=(1, 2))
+
+
+def routing_activation(logits: jax.Array, activation: str,
+                       temperature) -> jax.Array:
+  """sigmoid(logits) (the paper), or softmax(logits / temperature) (Dynamic
+  Convolution, Chen et al. 2020)."""
+  if activation == 'sigmoid':
+    return jax.nn.sigmoid(logits)
+  return jax.nn.softmax(logits / temperature, axis=-1)
+
+
+def condconv_kernel_shape(kernel_size, in_features: int, features: int,
+                          groups: int, num_experts: int, strategy: str
+                          ) -> tuple[int, ...]:
+  """[E, kh, kw, Cin/g, Cout], after checking the arguments."""
+  check_num_experts(num_experts)
+  strategy_lib.parse(strategy)  # ValueError for a bad spec
+  if in_features % groups:
+    raise ValueError(f'CondConv: input channels ({in_features}) must be '
+                     f'divisible by feature_group_count ({groups}).')
+  if features % groups:
+    raise ValueError(f'CondConv: features ({features}) must be divisible by '
+                     f'feature_group_count ({groups}).')
+  return (num_experts, *kernel_size_pair(kernel_size), in_features // groups,
+          features)
+
+
+def check_routing_weights(routing_weights, batch: int, num_experts: int):
+  if routing_weights.shape != (batch, num_experts):
+    raise ValueError(f'routing_weights must be [batch, num_experts] = '
+                     f'{(batch, num_experts)}, got shape '
+                     f'{routing_weights.shape}.')
+
+
+def condconv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+             routing_weights: jax.Array, *, strides, padding, input_dilation,
+             kernel_dilation, feature_group_count: int, strategy: str,
+             dtype: Any, precision: Any) -> jax.Array:
+  """The CondConv layer's output for its parameters and routing weights."""
+  check_routing_weights(routing_weights, x.shape[0], kernel.shape[0])
+  x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+  return ops.conditional_conv(
+      x, kernel, routing_weights, bias, strides=strides, padding=padding,
+      input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count, strategy=strategy,
+      precision=precision)
+
+
+def depthwise_features(channels: int, features: int | None,
+                       feature_group_count: int | None) -> int:
+  """The output channels of a depthwise conv of `channels` input channels,
+  after checking the arguments."""
+  if feature_group_count not in (None, channels):
+    raise ValueError(f'DepthwiseConv: feature_group_count must equal the '
+                     f'input channels ({channels}) or be None, got '
+                     f'{feature_group_count}.')
+  features = features or channels
+  if features % channels:
+    raise ValueError(f'DepthwiseConv: features ({features}) must be a '
+                     f'multiple of the input channels ({channels}).')
+  return features
+
+
+def depthwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *,
+              strides, padding, input_dilation, kernel_dilation,
+              implementation: str, dtype: Any, precision: Any) -> jax.Array:
+  """The static depthwise conv's output for its parameters."""
+  x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+  y = static_ops.depthwise_conv(
+      x, kernel, strides=strides, padding=padding,
+      input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+      implementation=implementation, precision=precision)
+  return y if bias is None else y + bias
+
+
+def depthwise_kernel_shape(kernel_size: int | Sequence[int],
+                           features: int) -> tuple[int, int, int, int]:
+  return (*kernel_size_pair(kernel_size), 1, features)
