@@ -8,9 +8,10 @@ Modules: `CondConv` (drop-in for flax.linen.Conv), `Routing`,
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
 from condconv_jax.ops import conditional_conv, mix_experts
 from condconv_jax.static_ops import depthwise_conv
+from condconv_jax.upcycling import upcycle
 from condconv_jax.strategy import STRATEGIES
 
 __all__ = [
     'STRATEGIES', 'CondConv', 'DepthwiseConv', 'Routing', 'conditional_conv',
-    'depthwise_conv', 'mix_experts',
+    'depthwise_conv', 'mix_experts', 'upcycle',
 ]

@@ -72,6 +72,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   # Train one run per value and print them side by side (the embedded job).
   c.compare_num_experts = ()
+  # A static run's workdir (its latest checkpoint, EMA weights where it
+  # keeps an EMA) or a folder of converted weights: a fresh run starts from
+  # them, upcycled into this CondConv model (condconv_jax.upcycle). A run
+  # that has checkpoints of its own resumes from those instead.
+  c.init_from = ''
   c.lock()  # experiment files may change values, not add keys
   return c
 

@@ -1,4 +1,5 @@
-"""Brings timm's EfficientNet(-CondConv) weights into our Flax models.
+"""Brings timm's EfficientNet(-CondConv) and timm's or torchvision's
+ResNet-50 weights into our Flax models.
 
 The only public ImageNet CondConv weights are the official TensorFlow
 EfficientNet-CondConv checkpoints, which timm ports as
@@ -54,13 +55,14 @@ class TimmSpec:
   normalization: str  # condconv_jax.data.imagenet.NORMALIZATIONS key
   image_size: int  # timm's evaluation size; crop = size / (size + 32)
   top1: float | None = None  # timm's reported ImageNet top-1
+  architecture: str = 'efficientnet_b0'  # our get_model name
 
   def model_kwargs(self) -> dict:
     return dict(num_experts=self.num_experts, depth=self.depth,
                 padding=self.padding, bn_epsilon=self.bn_epsilon)
 
   def model(self, **kwargs):
-    return get_model('efficientnet_b0', **self.model_kwargs(), **kwargs)
+    return get_model(self.architecture, **{**self.model_kwargs(), **kwargs})
 
 
 TIMM_MODELS = {
@@ -78,6 +80,9 @@ TIMM_MODELS = {
                                       240),
     'tf_efficientnet_b0': TimmSpec(0, 1.0, 'SAME', 1e-3, 'imagenet', 224),
     'efficientnet_b0': TimmSpec(0, 1.0, 'symmetric', 1e-5, 'imagenet', 224),
+    # torchvision's and timm's ResNet-50 share their state_dict names.
+    'resnet50': TimmSpec(0, 1.0, 'symmetric', 1e-5, 'imagenet', 224,
+                         architecture='resnet50'),
 }
 
 _BN_LEAVES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
@@ -93,14 +98,20 @@ def _spec(model_name: str) -> TimmSpec:
 
 
 def _our_module_path(timm_module: list[str]) -> tuple[str, ...]:
-  """['blocks', '4', '0', 'conv_pw'] -> ('blocks_4_0', 'conv_pw')."""
-  if timm_module == ['classifier']:
+  """['blocks', '4', '0', 'conv_pw'] -> ('blocks_4_0', 'conv_pw');
+  ['layer2', '0', 'downsample', '1'] -> ('layer2_0', 'downsample_bn')."""
+  if timm_module in (['classifier'], ['fc']):
     return ('classifier', 'fc')
   if timm_module[0] == 'blocks':
     head = (f'blocks_{timm_module[1]}_{timm_module[2]}',)
     rest = timm_module[3:]
+  elif timm_module[0].startswith('layer') and len(timm_module) > 2:
+    head = (f'{timm_module[0]}_{timm_module[1]}',)
+    rest = timm_module[2:]
   else:
     head, rest = (), timm_module
+  if rest[:1] == ['downsample']:  # Sequential(conv, bn)
+    rest = ['downsample' if rest[1:] == ['0'] else 'downsample_bn']
   mapped = []
   for part in rest:
     mapped += {'routing_fn': ['routing', 'dense']}.get(part, [part])
@@ -143,7 +154,8 @@ def from_timm(state_dict, model_name: str) -> dict:
     *module, leaf = key.split('.')
     path = _our_module_path(module)
     value = _to_numpy(value)
-    if module[-1].startswith('bn') and leaf in _BN_LEAVES:
+    if (path[-1].startswith('bn') or path[-1].endswith('_bn')) and (
+        leaf in _BN_LEAVES):
       collection, name = _BN_LEAVES[leaf]
     elif leaf in ('weight', 'bias'):
       collection, name = 'params', 'kernel' if leaf == 'weight' else 'bias'
@@ -234,10 +246,9 @@ def eval_config(model_name: str):
   """The ImageNet evaluation config for converted weights."""
   spec = _spec(model_name)
   c = get_base_config()
-  c.model = 'efficientnet_b0'
+  c.model = spec.architecture
   for key, value in spec.model_kwargs().items():
     c[key] = value
-  c.activation = 'swish'
   c.normalization = spec.normalization
   c.image_size = spec.image_size
   c.ema_decay = 0.0  # the converted weights are already the EMA weights

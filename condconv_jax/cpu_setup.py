@@ -13,12 +13,21 @@ re-executes the same command line once with LD_PRELOAD set, when Debian's
 `libtcmalloc-minimal4` is installed and nothing else is preloaded. It does
 nothing when the library is missing, off Linux, when LD_PRELOAD is already
 set, or with CONDCONV_MALLOC=system in the environment.
+
+Nothing that can still be set once the process runs does the same
+(`mallopt` settings through ctypes were measured, docs/nnx.md), so a
+script that does not call `use_tcmalloc` gets one `SlowAllocatorWarning`
+on CPU, the first time a CondConv layer or a static conv of the zoo runs
+(or is traced), saying how to fix it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+import jax
 
 TCMALLOC = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'
 _OPT_OUT = 'CONDCONV_MALLOC'
@@ -36,6 +45,33 @@ def use_tcmalloc(library: str = TCMALLOC) -> None:
   sys.stderr.flush()
   # orig_argv is the command line as typed ('-m pkg.mod' included).
   os.execve(sys.executable, list(sys.orig_argv), env)
+
+
+class SlowAllocatorWarning(UserWarning):
+  """CPU training under glibc's malloc: about half the speed."""
+
+
+_warned = False
+
+
+def check_allocator() -> None:
+  """Warns once per process when JAX runs on CPU under glibc's malloc
+  (nothing preloaded, CONDCONV_MALLOC not 'system')."""
+  global _warned
+  if (_warned or allocator() != 'glibc malloc' or
+      os.environ.get(_OPT_OUT) == 'system' or
+      not sys.platform.startswith('linux') or jax.default_backend() != 'cpu'):
+    return
+  _warned = True
+  warnings.warn(
+      'condconv_jax runs on CPU under glibc malloc, where XLA\'s per-step '
+      'buffers page-fault: training steps take up to about twice as long '
+      '(docs/nnx.md, "CPU speed in your own script"). Install Debian\'s '
+      f'libtcmalloc-minimal4 and run with LD_PRELOAD={TCMALLOC} (its '
+      'x86-64 path), or call '
+      'condconv_jax.cpu_setup.use_tcmalloc() first thing in your main(). '
+      'CONDCONV_MALLOC=system silences this.', SlowAllocatorWarning,
+      stacklevel=3)
 
 
 def allocator() -> str:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from condconv_jax import ops, static_ops
+from condconv_jax import cpu_setup, ops, static_ops
 from condconv_jax import strategy as strategy_lib
 
 Initializer = Callable[..., jax.Array]
@@ -114,6 +114,7 @@ def condconv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
              kernel_dilation, feature_group_count: int, strategy: str,
              dtype: Any, precision: Any) -> jax.Array:
   """The CondConv layer's output for its parameters and routing weights."""
+  cpu_setup.check_allocator()
   check_routing_weights(routing_weights, x.shape[0], kernel.shape[0])
   x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
   return ops.conditional_conv(

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from condconv_jax import layer_math
+from condconv_jax.upcycling import upcycled_experts
 from condconv_jax.geometry import PaddingLike
 
 Dtype = Any
@@ -96,9 +97,13 @@ class CondConv(nnx.Module):
       kind such as 'depthwise=vmap' (`condconv_jax.strategy.parse`).
     routing: None for the paper's sigmoid `Routing`; a factory
       `routing(in_features, num_experts, rngs=rngs)` returning a module
-      that maps x to [B, E] weights; or False for none of its own (the
-      caller passes `routing_weights`, to share one routing function
-      between convs as the official EfficientNet-CondConv blocks do).
+      called as `routing(x, deterministic=...)` that maps x to [B, E]
+      weights; or False for none of its own (the caller passes
+      `routing_weights`, to share one routing function between convs as
+      the official EfficientNet-CondConv blocks do).
+
+  An int kernel_size is square (k, k): CondConv is 2-D only, where
+  nnx.Conv would read an int as a 1-D kernel.
 
   Parameters: 'kernel' [E, kh, kw, Cin/g, Cout], 'bias' [E, Cout] and the
   routing function's under 'routing', each expert initialized on its own
@@ -200,18 +205,6 @@ class DepthwiseConv(nnx.Module):
 # ---------------------------------------------------------------- condconvify
 
 
-def upcycled_experts(kernel: jax.Array, num_experts: int, key: jax.Array,
-                     noise_scale: float = 0.01) -> jax.Array:
-  """[E, *kernel.shape] experts that mix to `kernel` under routing weights
-  of 1/2: (2/E) kernel + d_e, with d_e zero-mean over the experts and of
-  scale noise_scale * std(kernel)."""
-  layer_math.check_num_experts(num_experts)
-  noise = jax.random.normal(key, (num_experts, *kernel.shape), kernel.dtype)
-  noise = noise - noise.mean(axis=0, keepdims=True)
-  scale = noise_scale * jnp.std(kernel)
-  return (2.0 / num_experts) * kernel[None] + scale * noise
-
-
 def _path_name(path) -> str:
   return '/'.join(str(part) for part in path) or '(the model itself)'
 
@@ -253,13 +246,37 @@ def upcycle_conv(conv: nnx.Conv, *, num_experts: int, rngs: nnx.Rngs,
           cin, e, param_dtype=conv.param_dtype, kernel_init=zeros_init,
           rngs=rngs),
       rngs=rngs)
+  # The routing built here is sigmoid with zero parameters: weights of 1/2.
   layer.kernel[...] = upcycled_experts(conv.kernel[...], num_experts,
-                                       rngs.params(), noise_scale)
+                                       rngs.params(), noise_scale, 0.5)
   if conv.use_bias:
-    layer.bias[...] = jnp.broadcast_to(
-        (2.0 / num_experts) * conv.bias[...][None],
-        (num_experts, conv.out_features))
+    layer.bias[...] = upcycled_experts(conv.bias[...], num_experts,
+                                       rngs.params(), noise_scale, 0.5)
   return layer
+
+
+def _child(parent, key):
+  if isinstance(key, int) or not isinstance(parent, nnx.Module):
+    return parent[key]
+  return getattr(parent, key)
+
+
+def _setter(model, path):
+  """A function that puts a new module at `path` of `model`; raises
+  ValueError, changing nothing, where the container cannot take one."""
+  parent = model
+  for key in path[:-1]:
+    parent = _child(parent, key)
+  key = path[-1]
+  if isinstance(parent, nnx.Module) and isinstance(key, str) and hasattr(
+      parent, key):
+    return lambda layer: setattr(parent, key, layer)
+  if hasattr(parent, '__setitem__'):
+    return lambda layer: parent.__setitem__(key, layer)
+  raise ValueError(f'nnx.Conv at {_path_name(path)} sits in a '
+                   f'{type(parent).__name__}, which cannot be changed in '
+                   'place: hold it in an nnx.Module attribute, nnx.List or '
+                   'nnx.Dict, or leave it out with `where`.')
 
 
 def condconvify(model: nnx.Module, *, num_experts: int, rngs: nnx.Rngs,
@@ -292,16 +309,20 @@ def condconvify(model: nnx.Module, *, num_experts: int, rngs: nnx.Rngs,
                      'upcycle_conv on a bare nnx.Conv instead.')
   for path, conv in selected:
     _check_convertible(path, conv)
-  replacements = [(path, upcycle_conv(conv, num_experts=num_experts,
-                                      rngs=rngs, noise_scale=noise_scale,
-                                      strategy=strategy))
-                  for path, conv in selected]
-  for path, layer in replacements:
-    parent = model
-    for key in path[:-1]:
-      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-      parent[path[-1]] = layer
-    else:
-      setattr(parent, path[-1], layer)
+  setters = [_setter(model, path) for path, _ in selected]
+  replacements = [upcycle_conv(conv, num_experts=num_experts, rngs=rngs,
+                               noise_scale=noise_scale, strategy=strategy)
+                  for _, conv in selected]
+  for put, layer in zip(setters, replacements):
+    put(layer)
+  # A conv held at two places is visited once: if one is left, undo.
+  left = [path for path, node in nnx.iter_graph(model)
+          if any(node is conv for _, conv in selected)]
+  if left:
+    for (path, conv), put in zip(selected, setters):
+      put(conv)
+    raise ValueError(
+        f'nnx.Conv at {_path_name(left[0])} is also held elsewhere (shared '
+        'weights): condconvify replaces a module at one place only. Untie '
+        'it, or leave it out with `where`; the model is unchanged.')
   return model

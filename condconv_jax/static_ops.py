@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from condconv_jax import cpu_setup
 from condconv_jax.geometry import ConvGeometry, PaddingLike, conv_geometry
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -144,6 +145,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) !=
       lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)):
     return fallback()
+  cpu_setup.check_allocator()  # the zoo's static convs come through here
   geom = conv_geometry(lhs.shape, rhs.shape, strides=tuple(window_strides),
                        padding=padding, input_dilation=lhs_dilation or 1,
                        kernel_dilation=rhs_dilation or 1,

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 
+import condconv_jax
 from condconv_jax import convert
 
 PARITY_MODELS = ['tf_efficientnet_cc_b0_4e', 'tf_efficientnet_cc_b0_8e',
@@ -113,7 +114,7 @@ def test_mismatched_state_dict_lists_the_problems():
   with pytest.raises(ValueError, match='shape mismatches'):
     convert.from_timm(state_dict_with_wrong_shape(), 'tf_efficientnet_b0')
   with pytest.raises(ValueError, match='supported'):
-    convert.from_timm({}, 'resnet50')
+    convert.from_timm({}, 'resnet18')
 
 
 def state_dict_with_wrong_shape():
@@ -136,3 +137,56 @@ def test_cli_round_trip_through_safetensors(tmp_path):
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
   assert (tmp_path / 'out' / 'config.json').exists()
+
+
+def test_timm_efficientnet_b0_upcycles_to_cc_b0_8_with_its_logits():
+  # Pretrained static weights -> the CondConv twin, exact at step 0: timm's
+  # efficientnet_b0 (random weights here) converted, then upcycled.
+  name = 'efficientnet_b0'
+  images = random_images(4)
+  model = timm_model(name)
+  with torch.no_grad():
+    expected = model(images).numpy()
+  spec = convert.TIMM_MODELS[name]
+  static = convert.from_timm(model.state_dict(), name)
+  twin = spec.model(num_experts=8)
+  x = jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+  variables = condconv_jax.upcycle(static, twin, input_shape=x.shape)
+  logits = jax.jit(twin.apply)(variables, x)
+  error = np.max(np.abs(np.asarray(logits) - expected)) / np.max(
+      np.abs(expected))
+  assert error <= 1e-4, error
+  assert twin.num_experts == 8 and spec.num_experts == 0
+
+
+def test_torchvision_resnet50_converts_and_upcycles_to_cc_resnet50_8():
+  # torchvision's ResNet-50 (timm's has the same state_dict names), random
+  # weights and statistics; then its CondConv twin, exact at step 0.
+  import torchvision  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torchvision.models.resnet50(weights=None).eval()
+  generator = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        shape = module.running_mean.shape
+        uniform = lambda: torch.rand(shape, generator=generator)
+        module.running_mean.copy_(0.2 * uniform() - 0.1)
+        module.running_var.copy_(0.5 + uniform())
+        module.weight.copy_(0.4 + 0.2 * uniform())
+        module.bias.copy_(0.2 * uniform() - 0.1)
+  images = random_images(5)
+  with torch.no_grad():
+    expected = model(images).numpy()
+  static = convert.from_timm(model.state_dict(), 'resnet50')
+  spec = convert.TIMM_MODELS['resnet50']
+  x = jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+  for twin, variables in (
+      (spec.model(), static),
+      (spec.model(num_experts=8), None)):
+    if variables is None:
+      variables = condconv_jax.upcycle(static, twin, input_shape=x.shape)
+    logits = jax.jit(twin.apply)(variables, x)
+    error = np.max(np.abs(np.asarray(logits) - expected)) / np.max(
+        np.abs(expected))
+    assert error <= 1e-4, (twin.num_experts, error)

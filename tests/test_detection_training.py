@@ -42,6 +42,7 @@ def _params(state):
   return traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_detection_run_resumes_exactly(tmp_path):
   cfg = tiny.detection_config(num_train_steps=4)
   straight, _ = trainer.train_and_evaluate(cfg, tmp_path / 'straight')
@@ -67,6 +68,7 @@ def test_detection_run_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_two_processes_give_the_same_coco_numbers_as_one(tmp_path):
   """The detections of both processes reach process 0's pycocotools run:
   AP and the image count equal a single process's (the 10 validation

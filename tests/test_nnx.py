@@ -2,7 +2,6 @@
 reference, checkpoints moved both ways, and condconvify on an NNX model
 written the way public NNX model zoos write theirs."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,7 @@ from flax import nnx, traverse_util
 
 from condconv_jax import layers
 from condconv_jax import nnx as ccnnx
+from condconv_jax.models import get_model
 from tests import reference
 
 X = jax.random.normal(jax.random.key(0), (3, 9, 8, 6))
@@ -294,7 +294,80 @@ def test_condconvify_refuses_what_it_cannot_convert(build, kwargs, match):
   assert not convs_of(model, ccnnx.CondConv)
 
 
-def test_linen_and_nnx_condconv_share_their_math():
-  # One implementation: both faces call layer_math for the forward pass.
-  assert nn.Module not in ccnnx.CondConv.__mro__
-  assert ccnnx.layer_math is layers.layer_math
+class WithTiedConvs(nnx.Module):
+
+  def __init__(self, *, rngs):
+    self.first = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+    self.second = self.first  # the same module at two places
+
+
+class InATuple(nnx.Module):
+
+  def __init__(self, *, rngs):
+    self.stem = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.pair = nnx.data((nnx.Conv(4, 4, (3, 3), rngs=rngs),))
+
+
+@pytest.mark.parametrize('build,match', [
+    (WithTiedConvs, 'also held elsewhere'),
+    (InATuple, r'nnx.Conv at pair/0 sits in a tuple'),
+])
+def test_condconvify_changes_nothing_when_it_cannot_finish(build, match):
+  model = build(rngs=nnx.Rngs(0))
+  convs = [node for _, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.Conv)]
+  with pytest.raises(ValueError, match=match):
+    ccnnx.condconvify(model, num_experts=2, rngs=nnx.Rngs(1))
+  assert [node for _, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Conv)] == convs
+  assert not convs_of(model, ccnnx.CondConv)
+
+
+def test_both_faces_run_the_one_implementation(monkeypatch):
+  # The forward math lives in layer_math: replacing it there changes the
+  # Linen and the NNX layer alike.
+  calls = []
+  real = ccnnx.layer_math.condconv
+  monkeypatch.setattr(ccnnx.layer_math, 'condconv',
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  kwargs = CONDCONV_CASES['3x3 stride2']
+  nnx_condconv(kwargs)(X)
+  linen = layers.CondConv(num_experts=3, **kwargs)
+  linen.apply(linen.init(jax.random.key(0), X), X)
+  assert len(calls) == 3  # NNX call, Linen init, Linen apply
+
+
+def test_a_zoo_model_trains_in_an_nnx_program():
+  # The documented way (docs/nnx.md): the Linen zoo model bridged with
+  # nnx.bridge.ToNNX, a jitted NNX train step with an nnx.Optimizer.
+  images = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+  labels = jnp.arange(8) % 10
+  linen = get_model('mobilenet_v1_mini', num_experts=4, num_classes=10,
+                    width=0.25)
+  model = nnx.bridge.ToNNX(linen, rngs=nnx.Rngs(params=0, dropout=1))
+  model = model.lazy_init(images)
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, images, labels):
+    def loss_fn(model):
+      logits = model(images, train=True, mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+  losses = [float(train_step(model, optimizer, images, labels))
+            for _ in range(4)]
+  assert losses[-1] < losses[0]
+  assert any(np.any(a != b) for a, b in zip(
+      jax.tree.leaves(stats),
+      jax.tree.leaves(nnx.state(model, nnx.BatchStat).to_pure_dict())))
+  # The trained state is the Linen model's variables: evaluate it there.
+  variables = {'params': nnx.state(model, nnx.Param).to_pure_dict(),
+               'batch_stats': nnx.state(model, nnx.BatchStat).to_pure_dict()}
+  np.testing.assert_allclose(linen.apply(variables, images),
+                             model(images, train=False), rtol=1e-5,
+                             atol=1e-5)

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from etils import epath
 from flax import traverse_util
 
@@ -24,6 +25,7 @@ def _params(state):
   return traverse_util.flatten_dict(jax.device_get(state.params), sep='/')
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_a_run_on_gcs_is_stopped_and_resumed_exactly(tmp_path, monkeypatch,
                                                      gcs_bucket):
   monkeypatch.chdir(tmp_path)  # nothing may land under <cwd>/gs:
@@ -69,6 +71,7 @@ def test_a_run_on_gcs_is_stopped_and_resumed_exactly(tmp_path, monkeypatch,
   assert not os.path.exists(tmp_path / 'gs:')
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_train_and_eval_command_lines_on_gcs(tmp_path, gcs_bucket):
   data_dir = write_fashion_mnist(tmp_path / 'fashion', 32, 8)
   workdir = f'{gcs_bucket}/fashion'

@@ -133,6 +133,7 @@ def assert_close_in_norm(actual, expected, name, rtol=1e-4):
   assert error <= rtol * max(np.linalg.norm(expected), 1e-6), (name, error)
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_four_fake_devices_give_the_same_step_as_one(tmp_path):
   outs = {}
   for devices in (1, 4):
@@ -158,6 +159,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_two_processes_train_a_step_and_agree(tmp_path):
   coordinator = f'127.0.0.1:{_free_port()}'
   env = {**os.environ,
@@ -209,6 +211,7 @@ def _finish(procs, timeout=600):
   return results
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_sigterm_to_one_of_two_processes_saves_the_same_step(tmp_path):
   """Preemption on a pod: SIGTERM reaches one host (here process 1, not the
   one that writes the metrics); every process must stop at the same step,
@@ -343,6 +346,7 @@ def test_routing_analysis_matches_direct_computation(tmp_path):
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_train_and_eval_command_lines(tmp_path):
   data_dir = write_fashion_mnist(tmp_path / 'fashion', 64, 20)
   workdir = tmp_path / 'run'
@@ -358,3 +362,44 @@ def test_train_and_eval_command_lines(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert '"count": 20.0' in result.stdout
   assert png.exists()
+
+
+def test_a_condconv_run_starts_upcycled_from_a_static_run(tmp_path):
+  static_cfg = tiny.config(num_experts=0)
+  dataset = tiny.dataset(static_cfg)
+  trainer.train_and_evaluate(static_cfg, tmp_path / 'static', dataset=dataset)
+  static_run, static_variables = trainer.restore_for_eval(
+      static_cfg, tmp_path / 'static', dataset=dataset)
+  cfg = tiny.config(num_experts=4, init_from=str(tmp_path / 'static'))
+  run = trainer.Trainer(cfg, dataset)
+  state = run.upcycled_state(run.init_state(), cfg.init_from)
+  # Step 0: the static model's logits (its EMA weights, what it evaluates).
+  images = run.normalize(next(dataset.eval_batches())['image'])
+  np.testing.assert_allclose(
+      run.model.apply(run.eval_variables(state), images),
+      static_run.model.apply(static_variables, images), rtol=1e-5,
+      atol=1e-5)
+  assert int(state.step) == 0
+  # The run trains from there, and resumes from its own checkpoints.
+  def preempt_at_2(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  first, summary = trainer.train_and_evaluate(
+      cfg, tmp_path / 'cc', dataset=dataset, step_hooks=[preempt_at_2])
+  assert summary['preempted'] and int(first.step) == 2
+  resumed, summary = trainer.train_and_evaluate(cfg, tmp_path / 'cc',
+                                                dataset=dataset)
+  assert int(resumed.step) == cfg.num_train_steps
+  with pytest.raises(ValueError, match='is a CondConv run'):
+    trainer.load_static_variables(tmp_path / 'cc')
+  other = tiny.config(num_experts=4, width=0.5)
+  with pytest.raises(ValueError, match=r"not this model's static twin: "
+                     r'width \(0.25 there, 0.5 here\)'):
+    trainer.load_static_variables(tmp_path / 'static', dataset, other)
+  with pytest.raises(ValueError, match='set config.num_experts > 0'):
+    trainer.train_and_evaluate(tiny.config(num_experts=0,
+                                           init_from=cfg.init_from),
+                               tmp_path / 'nope', dataset=dataset)
+  with pytest.raises(FileNotFoundError, match='neither a training workdir'):
+    trainer.load_static_variables(tmp_path / 'nowhere')

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from condconv_jax import data, paths
+from condconv_jax import config_schema, convert, data, paths
 from condconv_jax.choices import check_choice
 from condconv_jax.detection import losses
 from condconv_jax.models import cost, get_model
@@ -38,6 +38,7 @@ from condconv_jax.training import checkpoint, optim, tasks
 from condconv_jax.training.metrics_log import MetricsLog
 from condconv_jax.training.preemption import PreemptionWatch
 from condconv_jax.training.workdir import check_shared
+from condconv_jax.upcycling import upcycle
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Model fields a config may set; None in the config keeps the model default.
@@ -213,6 +214,27 @@ class Trainer:
     return jax.jit(init, static_argnums=0,
                    out_shardings=self.replicated)(self.config.seed)
 
+  def upcycled_state(self, state: TrainState, source) -> TrainState:
+    """`state` with its variables upcycled from a static run's workdir or
+    converted weights at `source` (config.init_from): the same function
+    as the static model at step 0; the optimizer and the EMA start anew."""
+    static = _host_tree(load_static_variables(source, self.dataset,
+                                              self.config))
+    variables = upcycle(static, self.model, input_shape=self.image_shape(),
+                        key=jax.random.key(self.config.seed))
+    # Separate buffers for the EMA: the train step donates the state.
+    params, ema_params = (_replicated(variables['params'], self.replicated)
+                          for _ in range(2))
+    batch_stats, ema_batch_stats = (
+        _replicated(variables.get('batch_stats', {}), self.replicated)
+        for _ in range(2))
+    use_ema = self.config.ema_decay > 0
+    return state.replace(
+        params=params, batch_stats=batch_stats,
+        opt_state=jax.jit(self.tx.init, out_shardings=self.replicated)(params),
+        ema_params=ema_params if use_ema else {},
+        ema_batch_stats=ema_batch_stats if use_ema else {})
+
   def abstract_state(self):
     return self.replicated_like(jax.eval_shape(self.init_state))
 
@@ -297,6 +319,10 @@ def train_and_evaluate(config, workdir, *, dataset=None,
   params, MADDs and whether the run was preempted. step_hooks are called
   with each finished step (tests use them to simulate preemption).
   """
+  if config.init_from and not config.num_experts:
+    raise ValueError('config.init_from upcycles a static run into a '
+                     'CondConv model: set config.num_experts > 0 (and '
+                     'config.compare_num_experts=() for a single run).')
   workdir = paths.as_path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +335,8 @@ def train_and_evaluate(config, workdir, *, dataset=None,
       state = checkpoint.restore(mngr, trainer.abstract_state())
     else:
       state = trainer.init_state()
+      if config.init_from:
+        state = trainer.upcycled_state(state, config.init_from)
   except:
     mngr.close()
     raise
@@ -377,6 +405,50 @@ def train_and_evaluate(config, workdir, *, dataset=None,
   if jax.process_index() == 0:
     paths.write_json(workdir / 'summary.json', summary)
   return state, summary
+
+
+# Config fields on which a static run and its CondConv twin must agree for
+# the twin to compute the static model's function at step 0.
+TWIN_FIELDS = ('model', 'width', 'depth', 'padding', 'bn_epsilon',
+               'activation', 'dataset', 'image_size', 'normalization')
+
+
+def load_static_variables(source, dataset=None, config=None) -> dict:
+  """The evaluation variables of a static run's latest checkpoint (read
+  with `dataset`, default its own; checked against `config`'s
+  TWIN_FIELDS), or converted weights."""
+  path = paths.as_path(source)
+  if (path / 'variables').exists():  # python -m condconv_jax.convert
+    return convert.load_variables(path)
+  if not (path / 'config.json').exists():
+    raise FileNotFoundError(
+        f'config.init_from={source}: neither a training workdir (no '
+        'config.json) nor converted weights (no variables/ folder).')
+  static_config = config_schema.load_config(path)
+  if static_config.num_experts:
+    raise ValueError(f'config.init_from={source} is a CondConv run '
+                     f'({static_config.num_experts} experts): upcycling '
+                     'starts from a static one.')
+  if config is not None:
+    differ = [f'{name} ({static_config[name]!r} there, {config[name]!r} here)'
+              for name in TWIN_FIELDS if static_config[name] != config[name]]
+    if differ:
+      raise ValueError(f'config.init_from={source} is not this model\'s '
+                       f'static twin: {"; ".join(differ)}.')
+  return restore_for_eval(static_config, path, dataset=dataset)[1]
+
+
+def _host_tree(tree):
+  """A replicated tree as host numpy arrays (every process has them)."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def _replicated(tree, sharding):
+  """Host arrays (the same on every process) as global arrays, each on
+  buffers of its own (a CPU device may alias a host array's memory)."""
+  return jax.tree.map(
+      lambda a: jax.make_array_from_callback(
+          a.shape, sharding, lambda index: np.array(a[index])), tree)
 
 
 def restore_for_eval(config, workdir, step: int | None = None,
