@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torchvision
 
 import condconv_jax
 from condconv_jax import convert
@@ -28,7 +29,13 @@ def timm_model(name):
   float32 rounding ~1000x (timm's own float32 and float64 outputs of B1 then
   differ by 2e-5), and the comparison would measure that, not the port."""
   torch.manual_seed(0)
-  model = timm.create_model(name, pretrained=False).eval()
+  return randomize_batch_norm(timm.create_model(name, pretrained=False))
+
+
+def randomize_batch_norm(model):
+  """`model` in eval mode with random BatchNorm statistics and affine
+  parameters (see timm_model)."""
+  model.eval()
   generator = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for module in model.modules():
@@ -162,19 +169,8 @@ def test_timm_efficientnet_b0_upcycles_to_cc_b0_8_with_its_logits():
 def test_torchvision_resnet50_converts_and_upcycles_to_cc_resnet50_8():
   # torchvision's ResNet-50 (timm's has the same state_dict names), random
   # weights and statistics; then its CondConv twin, exact at step 0.
-  import torchvision  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = torchvision.models.resnet50(weights=None).eval()
-  generator = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        shape = module.running_mean.shape
-        uniform = lambda: torch.rand(shape, generator=generator)
-        module.running_mean.copy_(0.2 * uniform() - 0.1)
-        module.running_var.copy_(0.5 + uniform())
-        module.weight.copy_(0.4 + 0.2 * uniform())
-        module.bias.copy_(0.2 * uniform() - 0.1)
+  model = randomize_batch_norm(torchvision.models.resnet50(weights=None))
   images = random_images(5)
   with torch.no_grad():
     expected = model(images).numpy()
