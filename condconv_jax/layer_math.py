@@ -102,20 +102,12 @@ def condconv_kernel_shape(kernel_size, in_features: int, features: int,
           features)
 
 
-def check_routing_weights(routing_weights, batch: int, num_experts: int):
-  if routing_weights.shape != (batch, num_experts):
-    raise ValueError(f'routing_weights must be [batch, num_experts] = '
-                     f'{(batch, num_experts)}, got shape '
-                     f'{routing_weights.shape}.')
-
-
 def condconv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
              routing_weights: jax.Array, *, strides, padding, input_dilation,
              kernel_dilation, feature_group_count: int, strategy: str,
              dtype: Any, precision: Any) -> jax.Array:
   """The CondConv layer's output for its parameters and routing weights."""
   cpu_setup.check_allocator()
-  check_routing_weights(routing_weights, x.shape[0], kernel.shape[0])
   x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
   return ops.conditional_conv(
       x, kernel, routing_weights, bias, strides=strides, padding=padding,
