@@ -66,8 +66,7 @@ def check_routing(num_experts, activation: str, temperature):
   if activation not in ROUTING_ACTIVATIONS:
     raise ValueError(f'activation must be one of {ROUTING_ACTIVATIONS}, got '
                      f'{activation!r}.')
-  if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(f'temperature must be > 0, got {temperature!r}.')
+  check_temperature(temperature)
 
 
 def routing_pool(x: jax.Array) -> jax.Array:
@@ -146,3 +145,104 @@ def depthwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, *,
 def depthwise_kernel_shape(kernel_size: int | Sequence[int],
                            features: int) -> tuple[int, int, int, int]:
   return (*kernel_size_pair(kernel_size), 1, features)
+
+
+def check_input_features(x, in_features: int, who: str):
+  """x is NHWC with the channels the layer was built for."""
+  check_rank4(x, who)
+  if x.shape[-1] != in_features:
+    raise ValueError(f'{who}: x has {x.shape[-1]} channels, the layer was '
+                     f'built for in_features={in_features}.')
+
+
+def check_temperature(temperature):
+  """Raises for a temperature <= 0 (a traced one, from a schedule, passes)."""
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f'temperature must be > 0, got {temperature!r}.')
+
+
+# Dynamic Convolution (Chen et al., CVPR 2020): the attention over its K
+# kernels is GAP -> FC to C/reduction -> ReLU -> FC to K -> softmax(z / T).
+# Parameters (both faces): attention/{fc1/{kernel [C, hidden], bias},
+# fc2/{kernel [hidden, K], bias [K]}}.
+DYCONV_REDUCTION = 4
+
+
+def dynamic_hidden_features(in_features: int, reduction: int) -> int:
+  if not isinstance(reduction, int) or reduction < 1:
+    raise ValueError(f'reduction must be an int >= 1, got {reduction!r}.')
+  return max(1, in_features // reduction)
+
+
+def dynamic_attention(logits: jax.Array, temperature) -> jax.Array:
+  check_temperature(temperature)
+  return jax.nn.softmax(logits / temperature, axis=-1)
+
+
+# ODConv (Li, Zhou, Yao, ICLR 2022): GAP -> 1x1 conv (no bias) to
+# max(int(C * reduction), min_hidden) -> BatchNorm -> ReLU, then one 1x1
+# conv with bias per attention, each divided by the temperature. Parameters
+# (both faces): attention/{fc/kernel [C, hidden], bn/{scale, bias},
+# channel_fc, filter_fc, spatial_fc, kernel_fc: {kernel, bias}}, the
+# official module's names; batch statistics attention/bn/{mean, var}.
+ODCONV_REDUCTION = 0.0625
+ODCONV_MIN_HIDDEN = 16
+ODCONV_HEADS = ('channel', 'filter', 'spatial', 'kernel')
+
+
+def odconv_hidden_features(in_features: int, reduction: float,
+                           min_hidden: int) -> int:
+  if not 0 < reduction <= 1:
+    raise ValueError(f'reduction must be in (0, 1], got {reduction!r}.')
+  return max(int(in_features * reduction), min_hidden)
+
+
+def odconv_head_sizes(in_features: int, features: int, kernel_size,
+                      groups: int, num_experts: int) -> dict[str, int]:
+  """The attentions an ODConv has, with their sizes: the official code skips
+  the filter attention for depthwise convs, the spatial one for 1x1 and the
+  kernel one for K = 1."""
+  kh, kw = kernel_size_pair(kernel_size)
+  sizes = {'channel': in_features}
+  if not (in_features == groups == features):
+    sizes['filter'] = features
+  if (kh, kw) != (1, 1):
+    sizes['spatial'] = kh * kw
+  if num_experts > 1:
+    sizes['kernel'] = num_experts
+  return sizes
+
+
+def odconv_attentions(head_logits: dict[str, jax.Array], kernel_size,
+                      temperature) -> dict[str, jax.Array]:
+  """Head logits [B, n] -> attentions: sigmoid(z / T) for channel, filter
+  and spatial ([B, kh, kw]), softmax(z / T) over the K kernels."""
+  check_temperature(temperature)
+  attentions = {}
+  for name, logits in head_logits.items():
+    z = logits / temperature
+    if name == 'kernel':
+      attentions[name] = jax.nn.softmax(z, axis=-1)
+    elif name == 'spatial':
+      attentions[name] = jax.nn.sigmoid(z).reshape(
+          z.shape[0], *kernel_size_pair(kernel_size))
+    else:
+      attentions[name] = jax.nn.sigmoid(z)
+  return attentions
+
+
+def odconv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+           attentions: dict[str, jax.Array], *, strides, padding,
+           input_dilation, kernel_dilation, feature_group_count: int,
+           strategy: str, dtype: Any, precision: Any) -> jax.Array:
+  """The ODConv layer's output for its kernels, attentions and static bias."""
+  cpu_setup.check_allocator()
+  x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+  y = ops.omni_dimensional_conv(
+      x, kernel, attentions.get('kernel'), attentions.get('spatial'),
+      attentions.get('channel'), attentions.get('filter'), strides=strides,
+      padding=padding, input_dilation=input_dilation,
+      kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count, strategy=strategy,
+      precision=precision)
+  return y if bias is None else y + bias

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from condconv_jax import layer_math
+from condconv_jax.nnx_dynamic import (DynamicAttention, DynamicConv,
+                                      ODAttention, ODConv)
 from condconv_jax.upcycling import upcycled_experts
 from condconv_jax.geometry import PaddingLike
 
@@ -41,13 +43,6 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
 zeros_init = nnx.initializers.zeros_init()
-
-
-def _check_input(x, in_features: int, who: str):
-  layer_math.check_rank4(x, who)
-  if x.shape[-1] != in_features:
-    raise ValueError(f'{who}: x has {x.shape[-1]} channels, the layer was '
-                     f'built for in_features={in_features}.')
 
 
 class Routing(nnx.Module):
@@ -146,7 +141,7 @@ class CondConv(nnx.Module):
 
   def __call__(self, x: jax.Array, routing_weights: jax.Array | None = None,
                *, deterministic: bool | None = None) -> jax.Array:
-    _check_input(x, self.in_features, 'CondConv')
+    layer_math.check_input_features(x, self.in_features, 'CondConv')
     if routing_weights is None:
       if self.routing is None:
         raise ValueError('CondConv(routing=False) has no routing function of '
@@ -192,7 +187,7 @@ class DepthwiseConv(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_input(x, self.in_features, 'DepthwiseConv')
+    layer_math.check_input_features(x, self.in_features, 'DepthwiseConv')
     return layer_math.depthwise(
         x, self.kernel[...], None if self.bias is None else self.bias[...],
         strides=self.strides, padding=self.padding,

@@ -175,9 +175,6 @@ def per_example_vmap_conv(x: jax.Array, kernels: jax.Array,
   return jax.vmap(one)(x, kernels)
 
 
-def _vmap_strategy(x, experts, routing_weights, geom, precision):
-  kernels = mix_experts(routing_weights, experts, precision)
-  return per_example_vmap_conv(x, kernels, geom, precision)
 
 
 def _experts_strategy(x, experts, routing_weights, geom, precision):
@@ -226,8 +223,11 @@ def _pointwise_experts(x, experts, routing_weights, geom, precision):
   return out.reshape(batch, out_h, out_w, cout)
 
 
-def _direct_strategy(x, experts, routing_weights, geom, precision):
-  kernels = mix_experts(routing_weights, experts, precision)
+def per_example_direct_conv(x: jax.Array, kernels: jax.Array,
+                            geom: ConvGeometry, precision=None) -> jax.Array:
+  """Per-example conv without a conv op: k*k shifted multiply-adds for
+  depthwise, one im2col batched matmul for other ungrouped k x k, tap
+  matmuls for 1x1 and grouped convs."""
   if geom.is_depthwise:
     return static_ops.shifted_depthwise_conv(x, kernels, geom)
   if geom.feature_group_count == 1 and not geom.is_pointwise:
@@ -237,17 +237,45 @@ def _direct_strategy(x, experts, routing_weights, geom, precision):
   return tap_matmul_conv(x, kernels, geom, precision)
 
 
-def _loop_strategy(x, experts, routing_weights, geom, precision):
-  kernels = mix_experts(routing_weights, experts, precision)
-  return per_example_conv_loop(x, kernels, geom, precision)
+# The strategies that apply one mixed kernel per example (all but
+# "experts"), by the per-example conv each runs.
+PER_EXAMPLE_CONVS = {
+    'vmap': per_example_vmap_conv,
+    'direct': per_example_direct_conv,
+    'loop': per_example_conv_loop,
+}
+
+
+def _mixed_kernel_strategy(name):
+  def run(x, experts, routing_weights, geom, precision):
+    kernels = mix_experts(routing_weights, experts, precision)
+    return PER_EXAMPLE_CONVS[name](x, kernels, geom, precision)
+  return run
 
 
 _STRATEGY_FNS = {
-    'vmap': _vmap_strategy,
     'experts': _experts_strategy,
-    'direct': _direct_strategy,
-    'loop': _loop_strategy,
+    **{name: _mixed_kernel_strategy(name) for name in PER_EXAMPLE_CONVS},
 }
+
+
+def _checked_geometry(x, experts, strategy, **conv_args) -> ConvGeometry:
+  strategy_lib.parse(strategy)  # a bad spec fails before any shape check
+  if experts.ndim != 5:
+    raise ValueError(f'experts must be [num_experts, kh, kw, Cin/g, Cout] '
+                     f'(rank 5), got shape {experts.shape}.')
+  geom = conv_geometry(x.shape, experts.shape[1:], **conv_args)
+  if min(geom.out_spatial) < 1:
+    raise ValueError(f'input spatial size {geom.in_spatial} is too small for '
+                     f'kernel {geom.kernel_size} with padding {geom.padding} '
+                     f'and kernel_dilation {geom.kernel_dilation}.')
+  return geom
+
+
+def _check_shape(name, array, shape, meaning):
+  if tuple(array.shape) != tuple(shape):
+    raise ValueError(f'{name} must be {meaning} = {tuple(shape)}, got shape '
+                     f'{tuple(array.shape)}.')
 
 
 def conditional_conv(x: jax.Array, experts: jax.Array,
@@ -271,27 +299,16 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
   Returns:
     [B, Ho, Wo, Cout].
   """
-  strategy_lib.parse(strategy)  # a bad spec fails before any shape check
-  if experts.ndim != 5:
-    raise ValueError(f'experts must be [num_experts, kh, kw, Cin/g, Cout] '
-                     f'(rank 5), got shape {experts.shape}.')
-  geom = conv_geometry(x.shape, experts.shape[1:], strides=strides,
-                       padding=padding, input_dilation=input_dilation,
-                       kernel_dilation=kernel_dilation,
-                       feature_group_count=feature_group_count)
+  geom = _checked_geometry(x, experts, strategy, strides=strides,
+                           padding=padding, input_dilation=input_dilation,
+                           kernel_dilation=kernel_dilation,
+                           feature_group_count=feature_group_count)
   batch, num_experts = x.shape[0], experts.shape[0]
-  if routing_weights.shape != (batch, num_experts):
-    raise ValueError(f'routing_weights must be [batch, num_experts] = '
-                     f'{(batch, num_experts)}, got shape '
-                     f'{routing_weights.shape}.')
-  if bias is not None and bias.shape != (num_experts, geom.out_features):
-    raise ValueError(f'bias must be [num_experts, out_features] = '
-                     f'{(num_experts, geom.out_features)}, got shape '
-                     f'{bias.shape}.')
-  if min(geom.out_spatial) < 1:
-    raise ValueError(f'input spatial size {geom.in_spatial} is too small for '
-                     f'kernel {geom.kernel_size} with padding {geom.padding} '
-                     f'and kernel_dilation {geom.kernel_dilation}.')
+  _check_shape('routing_weights', routing_weights, (batch, num_experts),
+               '[batch, num_experts]')
+  if bias is not None:
+    _check_shape('bias', bias, (num_experts, geom.out_features),
+                 '[num_experts, out_features]')
   strategy = strategy_lib.resolve(strategy, geom, batch, num_experts,
                                  jax.default_backend())
   with jax.named_scope(f'conditional_conv_{strategy}'):
@@ -300,3 +317,85 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
     out = out + mix_experts(routing_weights, bias, precision)[:, None, None, :]
   return out
 
+
+
+def omni_dimensional_conv(x: jax.Array, experts: jax.Array,
+                          kernel_attention: jax.Array | None = None,
+                          spatial_attention: jax.Array | None = None,
+                          channel_attention: jax.Array | None = None,
+                          filter_attention: jax.Array | None = None, *,
+                          strides=1, padding: PaddingLike = 'SAME',
+                          input_dilation=1, kernel_dilation=1,
+                          feature_group_count: int = 1,
+                          strategy: str = 'auto', precision=None
+                          ) -> jax.Array:
+  """ODConv's convolution (Li, Zhou, Yao, ICLR 2022) for given attentions:
+
+      y[b] = ((x[b] * a_c[b]) * sum_k a_w[b, k] (a_s[b] . W_k)) * a_f[b]
+
+  with a_c scaling the input channels, a_s the kernel taps, a_w mixing the
+  K kernels and a_f scaling the output channels. An attention left None is
+  one (ODConv skips the kernel attention for K = 1, the spatial one for 1x1
+  and the filter one for depthwise convs).
+
+  Args:
+    x: [B, H, W, Cin]; experts: [K, kh, kw, Cin/g, Cout].
+    kernel_attention: [B, K] (None only for K = 1).
+    spatial_attention: [B, kh, kw]; channel_attention: [B, Cin];
+    filter_attention: [B, Cout].
+    strategy, the conv arguments, precision: as `conditional_conv`. With a
+      spatial attention the kernel differs per example even for K = 1, so
+      "experts" cannot express it.
+  Returns:
+    [B, Ho, Wo, Cout].
+  """
+  conv_args = dict(strides=strides, padding=padding,
+                   input_dilation=input_dilation,
+                   kernel_dilation=kernel_dilation,
+                   feature_group_count=feature_group_count)
+  geom = _checked_geometry(x, experts, strategy, **conv_args)
+  batch, num_experts = x.shape[0], experts.shape[0]
+  if kernel_attention is None and num_experts != 1:
+    raise ValueError(f'kernel_attention [batch, K] is needed to mix K = '
+                     f'{num_experts} kernels; only K = 1 goes without.')
+  for name, attention, shape, meaning in (
+      ('kernel_attention', kernel_attention, (batch, num_experts),
+       '[batch, K]'),
+      ('spatial_attention', spatial_attention, (batch, *geom.kernel_size),
+       '[batch, kh, kw]'),
+      ('channel_attention', channel_attention, (batch, geom.in_features),
+       '[batch, in_features]'),
+      ('filter_attention', filter_attention, (batch, geom.out_features),
+       '[batch, out_features]')):
+    if attention is not None:
+      _check_shape(name, attention, shape, meaning)
+  if channel_attention is not None:
+    x = x * channel_attention.astype(x.dtype)[:, None, None, :]
+  if spatial_attention is None and kernel_attention is None:
+    # K = 1, 1x1: the official `_forward_impl_pw1x`, one static conv.
+    y = static_ops.conv_general_dilated(
+        x, experts[0], geom.strides, geom.padding, geom.input_dilation,
+        geom.kernel_dilation, static_ops.DIMENSION_NUMBERS,
+        geom.feature_group_count, precision=precision)
+  elif spatial_attention is None:
+    y = conditional_conv(x, experts, kernel_attention, strategy=strategy,
+                         precision=precision, **conv_args)
+  else:
+    strategy = strategy_lib.resolve(strategy, geom, batch, num_experts,
+                                   jax.default_backend())
+    if strategy not in PER_EXAMPLE_CONVS:
+      raise ValueError(f'strategy {strategy!r} cannot apply a spatial '
+                       f'attention (it makes one kernel per example): use '
+                       f'one of {", ".join(PER_EXAMPLE_CONVS)} or auto for '
+                       f'{strategy_lib.conv_kind(geom)} convs.')
+    with jax.named_scope(f'omni_dimensional_conv_{strategy}'):
+      if kernel_attention is None:
+        kernels = jnp.broadcast_to(experts, (batch, *experts.shape[1:]))
+      else:
+        kernels = mix_experts(kernel_attention, experts, precision)
+      kernels = kernels * spatial_attention.astype(
+          kernels.dtype)[:, :, :, None, None]
+      y = PER_EXAMPLE_CONVS[strategy](x, kernels, geom, precision)
+  if filter_attention is not None:
+    y = y * filter_attention.astype(y.dtype)[:, None, None, :]
+  return y

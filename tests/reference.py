@@ -121,3 +121,64 @@ def mixture_of_experts_vjp(conv: Conv, x, experts, routing, bias, dy):
     d_routing += dy.sum(axis=(1, 2)) @ bias.T
     d_bias = routing.T @ dy.sum(axis=(1, 2))
   return dx, d_experts, d_routing, d_bias
+
+
+# Dynamic Convolution and ODConv, transcribed from the papers' equations
+# (Chen et al. 2020, eqs. 1-3; Li, Zhou, Yao 2022, eq. 5 and Fig. 2), with
+# the parameter trees of condconv_jax's layers as plain float64 arrays.
+
+def _softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+def dynamic_conv(conv: Conv, x, params, temperature):
+  """y = (sum_k pi_k W_k) * x + sum_k pi_k b_k with
+  pi = softmax(FC2(ReLU(FC1(GAP(x)))) / T)."""
+  att = params['attention']
+  pooled = x.mean(axis=(1, 2))
+  hidden = np.maximum(pooled @ att['fc1']['kernel'] + att['fc1']['bias'], 0)
+  pi = _softmax((hidden @ att['fc2']['kernel'] + att['fc2']['bias']) /
+                temperature)
+  kernels = np.einsum('bk,k...->b...', pi, params['kernel'])
+  y = conv.apply(x, kernels)
+  if 'bias' in params:
+    y = y + (pi @ params['bias'])[:, None, None, :]
+  return y
+
+
+def odconv(conv: Conv, x, params, batch_stats, temperature, train=False,
+           epsilon=1e-5):
+  """y = (x * a_c) * (sum_k a_w,k a_s W_k) * a_f (+ bias), the attentions
+  from GAP -> fc -> BN -> ReLU -> per-attention fc / T. BatchNorm uses the
+  batch's statistics when train, else the running ones."""
+  att = params['attention']
+  pooled = x.mean(axis=(1, 2))
+  h = pooled @ att['fc']['kernel']
+  if train:
+    mean, var = h.mean(axis=0), h.var(axis=0)
+  else:
+    mean, var = batch_stats['mean'], batch_stats['var']
+  h = (h - mean) / np.sqrt(var + epsilon) * att['bn']['scale'] + att['bn']['bias']
+  h = np.maximum(h, 0)
+  head = lambda name: (h @ att[f'{name}_fc']['kernel'] +
+                       att[f'{name}_fc']['bias']) / temperature
+  experts = params['kernel']
+  b, (kh, kw) = x.shape[0], experts.shape[1:3]
+  channel = _sigmoid(head('channel'))
+  filt = _sigmoid(head('filter')) if 'filter_fc' in att else 1.0
+  spatial = (_sigmoid(head('spatial')).reshape(b, kh, kw)
+             if 'spatial_fc' in att else np.ones((b, kh, kw)))
+  kernel_att = (_softmax(head('kernel')) if 'kernel_fc' in att
+                else np.ones((b, 1)))
+  kernels = np.einsum('bk,bij,kijco->bijco', kernel_att, spatial, experts)
+  y = conv.apply(x * channel[:, None, None, :], kernels)
+  y = y * (filt[:, None, None, :] if np.ndim(filt) else filt)
+  if 'bias' in params:
+    y = y + params['bias']
+  return y
