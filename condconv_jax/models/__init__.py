@@ -7,6 +7,12 @@ num_experts=0 is the static baseline; otherwise CondConv goes where the paper
 puts it (each builder's docstring), overridable with the model's own placement
 arguments (condconv_stages, condconv_layers, condconv_head, ...).
 
+CondConv's successors have their own names: 'dy_*' (Dynamic Convolution, Chen
+et al. 2020; K = 4 by default) and 'od_*' (ODConv, Li, Zhou, Yao 2022; K = 1
+by default, the paper's "1x"), the width in the name ('od_mobilenetv2_075'
+is width 0.75). num_experts is K; 0 is their static twin. Their models take
+the softmax temperature at call time: model.apply(v, x, temperature=t).
+
 'ssd_mobilenet_v1' is the paper's COCO detector (condconv_jax.detection): it
 returns per-anchor outputs, not logits, and num_classes counts its
 background column (default 91).
@@ -87,6 +93,51 @@ def _ssd_mobilenet_v1(*, width, depth, **kwargs):
   return SSDMobileNetV1(width=width, **kwargs)
 
 
+def _dy_mobilenet_v2(width, **kwargs):
+  """DY-MobileNetV2: every conv but the stem dynamic, the head 1x1 to 1280
+  included; the classifier static (Chen et al. 2020, Sec. 4)."""
+  defaults = dict(conv_family='dyconv', condconv_stages=tuple(range(1, 8)),
+                  condconv_head=True, condconv_classifier=False)
+  return functools.partial(_fixed_width, _mobilenet_v2, width,
+                           {**defaults, **kwargs})
+
+
+def _od_mobilenet_v2(width, **kwargs):
+  """OD-MobileNetV2: every conv but the stem an ODConv, the head 1x1 to 1280
+  included; the classifier static (official models/od_mobilenetv2.py)."""
+  defaults = dict(conv_family='odconv', condconv_stages=tuple(range(1, 8)),
+                  condconv_head=True, condconv_classifier=False)
+  return functools.partial(_fixed_width, _mobilenet_v2, width,
+                           {**defaults, **kwargs})
+
+
+def _dy_resnet(layers):
+  """DY-ResNet: every conv but the stem dynamic, the downsample 1x1
+  included; the fc static (Chen et al. 2020)."""
+  defaults = dict(conv_family='dyconv', condconv_stages=(1, 2, 3, 4),
+                  condconv_shortcut=True, condconv_classifier=False)
+  return functools.partial(_fixed_width, functools.partial(_resnet, layers),
+                           1.0, defaults)
+
+
+def _od_resnet(layers):
+  """OD-ResNet: every conv inside the residual blocks an ODConv; the stem,
+  the downsample 1x1 and the fc static; dropout 0.1 before the fc (the
+  official OD_ResNet's default; models/od_resnet.py)."""
+  defaults = dict(conv_family='odconv', condconv_stages=(1, 2, 3, 4),
+                  condconv_shortcut=False, condconv_classifier=False,
+                  dropout_rate=0.1)
+  return functools.partial(_fixed_width, functools.partial(_resnet, layers),
+                           1.0, defaults)
+
+
+def _fixed_width(builder, fixed_width, defaults, *, width, depth, **kwargs):
+  if width != 1.0:
+    raise ValueError(f'this model has its width in its name '
+                     f'({fixed_width}); width must be 1.0, got {width}.')
+  return builder(width=fixed_width, depth=depth, **{**defaults, **kwargs})
+
+
 def _require_depth_one(name, depth):
   if depth != 1.0:
     raise ValueError(f'{name} has a fixed depth; depth must be 1.0, got '
@@ -103,23 +154,43 @@ MODELS = {
        for n in STAGE_SIZES},
     'ssd_mobilenet_v1': (_ssd_mobilenet_v1, SSDMobileNetV1),
 }
+# The dynamic-convolution family: (builder, module class, default K).
+DYNAMIC_MODELS = {
+    'dy_mobilenetv2_050': (_dy_mobilenet_v2(0.5), MBConvNet, 4),
+    'dy_mobilenetv2_100': (_dy_mobilenet_v2(1.0), MBConvNet, 4),
+    'dy_resnet18': (_dy_resnet(18), ResNet, 4),
+    'dy_resnet50': (_dy_resnet(50), ResNet, 4),
+    'od_resnet18': (_od_resnet(18), ResNet, 1),
+    'od_resnet50': (_od_resnet(50), ResNet, 1),
+    'od_resnet101': (_od_resnet(101), ResNet, 1),
+    'od_mobilenetv2_050': (_od_mobilenet_v2(0.5), MBConvNet, 1),
+    'od_mobilenetv2_075': (_od_mobilenet_v2(0.75), MBConvNet, 1),
+    'od_mobilenetv2_100': (_od_mobilenet_v2(1.0), MBConvNet, 1),
+}
 
 
 def _fields(module_cls) -> set[str]:
   return {f.name for f in dataclasses.fields(module_cls)} - {'parent', 'name'}
 
 
-def get_model(name: str, *, num_experts: int = 0, width: float = 1.0,
-              depth: float = 1.0, num_classes: int | None = None,
-              **kwargs) -> nn.Module:
-  """A registered model. num_classes: None = the model's default (1000 for
-  the ImageNet classifiers, 91 for the detector). kwargs are the model's own
-  fields (dropout_rate, drop_path_rate, bn_momentum, bn_epsilon, activation,
-  padding, dtype, strategy, placement, ...)."""
-  if name not in MODELS:
+def get_model(name: str, *, num_experts: int | None = None,
+              width: float = 1.0, depth: float = 1.0,
+              num_classes: int | None = None, **kwargs) -> nn.Module:
+  """A registered model. num_experts: None = the model's default (0, static,
+  for the CondConv paper's names; 4 for 'dy_*', 1 for 'od_*'). num_classes:
+  None = the model's default (1000 for the ImageNet classifiers, 91 for the
+  detector). kwargs are the model's own fields (dropout_rate,
+  drop_path_rate, bn_momentum, bn_epsilon, activation, padding, dtype,
+  strategy, conv_family, placement, ...)."""
+  if name in DYNAMIC_MODELS:
+    builder, module_cls, default_experts = DYNAMIC_MODELS[name]
+  elif name in MODELS:
+    (builder, module_cls), default_experts = MODELS[name], 0
+  else:
     raise ValueError(f'unknown model {name!r}; valid names: '
-                     f'{", ".join(sorted(MODELS))}.')
-  builder, module_cls = MODELS[name]
+                     f'{", ".join(sorted({**MODELS, **DYNAMIC_MODELS}))}.')
+  if num_experts is None:
+    num_experts = default_experts
   reserved = {'stages', 'depth_layers', 'separable_layers', 'width', 'depth'}
   valid = _fields(module_cls) - reserved
   unknown = sorted(set(kwargs) - valid)
@@ -134,5 +205,5 @@ def get_model(name: str, *, num_experts: int = 0, width: float = 1.0,
   return builder(width=width, depth=depth, num_experts=num_experts, **kwargs)
 
 
-__all__ = ['MODELS', 'get_model', 'MBConvNet', 'MobileNetV1', 'ResNet',
+__all__ = ['DYNAMIC_MODELS', 'MODELS', 'get_model', 'MBConvNet', 'MobileNetV1', 'ResNet',
            'SSDMobileNetV1']

@@ -5,12 +5,15 @@
     python -m condconv_jax.models --layers ssd_mobilenet_v1 --image-size 300
     python -m condconv_jax.models --detector  # SSD300 and its placements
     python -m condconv_jax.models --detector --image-size 320 --num-experts 4
+    python -m condconv_jax.models --families  # DyConv/ODConv beside CondConv
 """
 
 import argparse
 
-from condconv_jax.models import MODELS, cost, get_model
-from condconv_jax.models.paper import PAPER_COSTS, PAPER_SSD
+from condconv_jax.models import DYNAMIC_MODELS, MODELS, cost, get_model
+from condconv_jax.models.paper import (DYNAMIC_PAPER_COSTS, FAMILY_COMPARISON,
+                                       PAPER_COSTS, PAPER_SSD,
+                                       RESNET_V15_EXTRA_MACS)
 
 IMAGE_SHAPE = (1, 224, 224, 3)
 
@@ -86,12 +89,47 @@ def detector_tables(image_size: int, experts: int):
         f'+{100 * PAPER_SSD["relative_cost"]:.0f}% |')
 
 
+def paper_table(rows):
+  print('| model | params | paper | diff | MADDs | paper | diff | source |')
+  print('|---|---:|---:|---:|---:|---:|---:|---|')
+  for label, name, kwargs, paper_params, paper_macs, source in rows:
+    c = cost.count(get_model(name, **kwargs), IMAGE_SHAPE)
+    print(f'| {label} | {c.params:,} | {_millions(paper_params)} | '
+          f'{_relative(c.params, paper_params)} | {c.macs / 1e6:.1f}M | '
+          f'{_millions(paper_macs)} | {_relative(c.macs, paper_macs)} | '
+          f'{source} |')
+
+
+def family_tables():
+  """DyConv and ODConv beside their published costs, then each family on
+  one backbone beside CondConv (docs/models.md)."""
+  paper_table(DYNAMIC_PAPER_COSTS)
+  print(f'\nODConv\'s ResNet-50/101 MADDs count ResNet v1; ours count the '
+        f'v1.5 model its code\nbuilds, {RESNET_V15_EXTRA_MACS / 1e6:.1f}M more '
+        f'at 224x224.\n')
+  for backbone, variants in FAMILY_COMPARISON:
+    print(f'{backbone}:\n')
+    print('| conv family | params | MADDs | MADDs over static |')
+    print('|---|---:|---:|---:|')
+    static = None
+    for label, name, kwargs in variants:
+      c = cost.count(get_model(name, **kwargs), IMAGE_SHAPE)
+      static = static or c.macs
+      print(f'| {label} | {c.params / 1e6:.2f}M | {c.macs / 1e6:.1f}M | '
+            f'{100 * (c.macs - static) / static:+.1f}% |')
+    print()
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--layers', choices=sorted(MODELS),
+  parser.add_argument('--layers', choices=sorted({**MODELS,
+                                                   **DYNAMIC_MODELS}),
                       help='print one model\'s per-layer breakdown instead')
   parser.add_argument('--detector', action='store_true',
                       help='the SSD detector\'s tables instead')
+  parser.add_argument('--families', action='store_true',
+                      help='DyConv and ODConv beside their papers and '
+                      'CondConv instead')
   parser.add_argument('--num-experts', type=int, default=None,
                       help='experts for --layers (default 0) and --detector '
                       '(default 8)')
@@ -103,20 +141,15 @@ def main():
     detector_tables(args.image_size or 300,
                     8 if args.num_experts is None else args.num_experts)
     return
+  if args.families:
+    family_tables()
+    return
   if args.layers:
     size = args.image_size or IMAGE_SHAPE[1]
-    print(cost.count(get_model(args.layers,
-                               num_experts=args.num_experts or 0),
+    print(cost.count(get_model(args.layers, num_experts=args.num_experts),
                      (1, size, size, 3)).table())
     return
-  print('| model | params | paper | diff | MADDs | paper | diff | source |')
-  print('|---|---:|---:|---:|---:|---:|---:|---|')
-  for label, name, kwargs, paper_params, paper_macs, source in PAPER_COSTS:
-    c = cost.count(get_model(name, **kwargs), IMAGE_SHAPE)
-    print(f'| {label} | {c.params:,} | {_millions(paper_params)} | '
-          f'{_relative(c.params, paper_params)} | {c.macs / 1e6:.1f}M | '
-          f'{_millions(paper_macs)} | {_relative(c.macs, paper_macs)} | '
-          f'{source} |')
+  paper_table(PAPER_COSTS)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
-"""What every model shares: the conv factory (static or CondConv), BN, SE,
-stochastic depth and the classifier.
+"""What every model shares: the conv factory (static, CondConv, DyConv or
+ODConv), BN, SE, stochastic depth and the classifier.
 
 Models never construct a conv directly: they ask `ConvFactory` for one, with
-`conditional=True` where the placement puts CondConv. So one backbone serves
-the static model and every CondConv variant, and padding style, dtype and
-CondConv strategy are set in one place.
+`conditional=True` where the placement puts a conditional conv. So one
+backbone serves the static model and every conditional variant, and padding
+style, dtype, conv family and strategy are set in one place. The dynamic
+families take a softmax temperature at call time: models pass theirs to every
+conv through `apply_conv`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from condconv_jax import static_ops
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.choices import check_choice
+from condconv_jax.dynamic_layers import DynamicConv, ODConv
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -31,6 +34,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'silu': nn.swish,
 }
 PADDINGS = ('SAME', 'symmetric')
+# What a conditional conv is: CondConv (Yang et al. 2019), Dynamic
+# Convolution (Chen et al. 2020) or ODConv (Li, Zhou, Yao 2022).
+CONV_FAMILIES = ('condconv', 'dyconv', 'odconv')
+DYNAMIC_CONVS = (DynamicConv, ODConv)
 
 
 def activation_fn(name: str):
@@ -72,9 +79,10 @@ dense_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_out',
 
 @dataclasses.dataclass(frozen=True)
 class ConvFactory:
-  """Builds a model's convs: static, or CondConv where `conditional`.
+  """Builds a model's convs: static, or of `family` where `conditional`.
 
   num_experts: 0 makes every conv static whatever `conditional` says.
+  bn_momentum, bn_epsilon: the model's, for ODConv's attention BatchNorm.
   """
 
   num_experts: int = 0
@@ -82,12 +90,19 @@ class ConvFactory:
   dtype: Any = jnp.float32
   strategy: str = 'auto'
   routing_dropout: float = 0.0
+  family: str = 'condconv'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
 
   def _routing_factory(self):
     return functools.partial(Routing, dropout_rate=self.routing_dropout)
 
   def routing(self, name: str) -> nn.Module:
     """A routing function to share between the convs of one block."""
+    if self.family != 'condconv':
+      raise ValueError(f'shared routing is a CondConv placement; a '
+                       f'{self.family} conv has its own attention: set '
+                       f'shared_routing=False.')
     return self._routing_factory()(self.num_experts, name=name)
 
   def __call__(self, features: int, kernel_size: int, *, strides: int = 1,
@@ -105,9 +120,15 @@ class ConvFactory:
                   use_bias=use_bias, dtype=self.dtype,
                   kernel_init=kernel_init, name=name)
     if conditional and self.num_experts > 0:
-      return CondConv(feature_group_count=groups, num_experts=self.num_experts,
-                      strategy=self.strategy, routing=self._routing_factory(),
-                      **common)
+      conditional_args = dict(feature_group_count=groups,
+                              num_experts=self.num_experts,
+                              strategy=self.strategy, **common)
+      if self.family == 'dyconv':
+        return DynamicConv(**conditional_args)
+      if self.family == 'odconv':
+        return ODConv(bn_momentum=self.bn_momentum,
+                      bn_epsilon=self.bn_epsilon, **conditional_args)
+      return CondConv(routing=self._routing_factory(), **conditional_args)
     if depthwise:
       return DepthwiseConv(**common)
     # nn.Conv's module and parameters, computed in the fastest form for the
@@ -131,10 +152,14 @@ class NormFactory:
                         name=name)
 
 
-def apply_conv(conv: nn.Module, x, routing_weights=None, *, train=False):
-  """Calls a conv made by ConvFactory: CondConvs take routing weights."""
+def apply_conv(conv: nn.Module, x, routing_weights=None, *, train=False,
+               temperature=1.0):
+  """Calls a conv made by ConvFactory: CondConvs take routing weights, the
+  dynamic families the softmax temperature."""
   if isinstance(conv, CondConv):
     return conv(x, routing_weights, deterministic=not train)
+  if isinstance(conv, DYNAMIC_CONVS):
+    return conv(x, temperature=temperature, train=train)
   return conv(x)
 
 
@@ -174,13 +199,13 @@ class Classifier(nn.Module):
   dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, temperature=1.0):
     x = jnp.mean(x, axis=(1, 2), keepdims=True)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     if self.conditional and self.convs.num_experts > 0:
       conv = self.convs(self.num_classes, 1, use_bias=True, conditional=True,
                         kernel_init=dense_kernel_init, name='fc')
-      logits = apply_conv(conv, x, train=train)
+      logits = apply_conv(conv, x, train=train, temperature=temperature)
     else:
       logits = nn.Dense(self.num_classes, dtype=self.convs.dtype,
                         kernel_init=dense_kernel_init, name='fc')(x)
@@ -205,13 +230,16 @@ class ConvNet(nn.Module):
   dtype: Any = jnp.float32
   strategy: str = 'auto'
   routing_dropout: float = 0.0
+  conv_family: str = 'condconv'
 
   def factories(self) -> tuple[ConvFactory, NormFactory]:
     # Checked here, where every model reads them: a static model never
     # builds a CondConv, so a misspelled strategy would pass unnoticed.
     activation_fn(self.activation)
     check_choice('padding', self.padding, PADDINGS)
+    check_choice('conv_family', self.conv_family, CONV_FAMILIES)
     strategy_lib.parse(self.strategy)
     return (ConvFactory(self.num_experts, self.padding, self.dtype,
-                        self.strategy, self.routing_dropout),
+                        self.strategy, self.routing_dropout, self.conv_family,
+                        self.bn_momentum, self.bn_epsilon),
             NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype))

@@ -6,9 +6,14 @@ whatever the model really builds. Multiply-adds are counted the way the
 CondConv paper counts MADDs:
 
 - conv: output pixels x kh x kw x Cin/g x Cout; dense: in x out;
-- CondConv: its conv, plus the kernel mixing, E x (kh x kw x Cin/g x Cout);
-- routing: its global average pool (one add per input element) and its dense
-  layer (Cin x E), once per routing function;
+- CondConv and DynamicConv: their conv, plus the kernel mixing,
+  E x (kh x kw x Cin/g x Cout);
+- ODConv: its conv, the kernel mixing for K > 1, the spatial attention's
+  multiply into the kernel (kh x kw x Cin/g x Cout, k > 1), and the channel
+  and filter attentions' multiplies (one per input / output element);
+- routing and attention functions: their global average pool (one add per
+  input element) and dense layers (Cin x E; DyConv's and ODConv's hidden
+  and head layers), once per function;
 - squeeze-excite: its pool and its gate (one multiply per element) besides
   its two convs; the classifier's global pool. With these, EfficientNet-B0
   comes to the 390M its paper reports (385.8M from convs and dense alone);
@@ -28,6 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from condconv_jax import layer_math
+from condconv_jax.dynamic_layers import (DynamicAttention, DynamicConv,
+                                         ODAttention, ODConv)
 from condconv_jax.layers import CondConv, DepthwiseConv, Routing
 from condconv_jax.models.blocks import Classifier, SqueezeExcite
 
@@ -70,10 +78,18 @@ def _conv_macs(module, out_shape) -> int:
 
 
 def _layer_macs(module, in_shape, out_shape) -> int:
-  if isinstance(module, CondConv):
+  if isinstance(module, (CondConv, DynamicConv, ODConv)):
     cin_g = in_shape[-1] // module.feature_group_count
     kernel = _kernel_area(module) * cin_g * module.features
-    return _conv_macs(module, out_shape) * cin_g + module.num_experts * kernel
+    conv = _conv_macs(module, out_shape) * cin_g
+    if not isinstance(module, ODConv):
+      return conv + module.num_experts * kernel
+    heads = layer_math.odconv_head_sizes(
+        in_shape[-1], module.features, module.kernel_size,
+        module.feature_group_count, module.num_experts)
+    return (conv + ('kernel' in heads) * module.num_experts * kernel +
+            ('spatial' in heads) * kernel + math.prod(in_shape[1:]) +
+            ('filter' in heads) * math.prod(out_shape[1:]))
   if isinstance(module, DepthwiseConv):
     return _conv_macs(module, out_shape)
   if isinstance(module, nn.Conv):
@@ -81,7 +97,8 @@ def _layer_macs(module, in_shape, out_shape) -> int:
                                             module.feature_group_count)
   if isinstance(module, nn.Dense):
     return math.prod(out_shape[1:]) * in_shape[-1]
-  if isinstance(module, (Routing, Classifier)):
+  if isinstance(module, (Routing, DynamicAttention, ODAttention,
+                         Classifier)):
     return math.prod(in_shape[1:])  # the global average pool
   if isinstance(module, SqueezeExcite):
     return 2 * math.prod(in_shape[1:])  # pool + gate
@@ -92,11 +109,12 @@ def _is_depthwise(module, in_shape) -> bool:
   if isinstance(module, DepthwiseConv):
     return True
   groups = getattr(module, 'feature_group_count', 1)
-  return (isinstance(module, (CondConv, nn.Conv)) and groups > 1 and
-          groups == in_shape[-1])
+  return (isinstance(module, (CondConv, DynamicConv, ODConv, nn.Conv)) and
+          groups > 1 and groups == in_shape[-1])
 
 
-_COUNTED = (CondConv, DepthwiseConv, nn.Conv, nn.Dense, nn.BatchNorm, Routing,
+_COUNTED = (CondConv, DynamicConv, ODConv, DepthwiseConv, nn.Conv, nn.Dense,
+            nn.BatchNorm, Routing, DynamicAttention, ODAttention,
             SqueezeExcite, Classifier)
 
 
@@ -118,7 +136,9 @@ def count(model: nn.Module, input_shape: Sequence[int], **call_kwargs) -> Cost:
     out = next_fun(*args, **kwargs)
     if context.method_name == '__call__' and isinstance(context.module,
                                                         _COUNTED):
-      calls.append((context.module, args[0].shape, out.shape))
+      # ODAttention returns a dict of attentions; its cost is its input's.
+      out_shape = out.shape if hasattr(out, 'shape') else ()
+      calls.append((context.module, args[0].shape, out_shape))
     return out
 
   def init():

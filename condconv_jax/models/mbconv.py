@@ -51,7 +51,7 @@ class MBConvBlock(nn.Module):
   drop_path_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, temperature=1.0):
     stage, convs, act = self.stage, self.convs, activation_fn(self.activation)
     cond = self.conditional and convs.num_experts > 0
     routing = None
@@ -60,7 +60,8 @@ class MBConvBlock(nn.Module):
       # expand, depthwise and project convs (official EfficientNet-CondConv).
       routing = convs.routing('routing')(x, deterministic=not train)
     conv = lambda *a, **k: convs(*a, conditional=self.conditional, **k)
-    call = lambda c, h: apply_conv(c, h, routing, train=train)
+    call = lambda c, h: apply_conv(c, h, routing, train=train,
+                                   temperature=temperature)
     mid = self.in_features * stage.expand
     h = x
     if stage.expand != 1:
@@ -104,7 +105,8 @@ class MBConvNet(ConvNet):
   bn_momentum: float = 0.99
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, temperature=1.0):
+    """temperature: the softmax temperature of DyConv/ODConv convs."""
     convs, norms = self.factories()
     act = activation_fn(self.activation)
     x = jnp.asarray(x, self.dtype)
@@ -122,16 +124,19 @@ class MBConvNet(ConvNet):
             shared_routing=self.shared_routing, convs=convs, norms=norms,
             activation=self.activation,
             drop_path_rate=self.drop_path_rate * index / total,
-            name=f'blocks_{stage_number - 1}_{i}')(x, train=train)
+            name=f'blocks_{stage_number - 1}_{i}')(x, train=train,
+                                                   temperature=temperature)
         features, index = out, index + 1
     head = self.head_features
     if self.scale_head_with_width:
       head = round_channels(head * max(1.0, self.width))
     x = apply_conv(convs(head, 1, conditional=self.condconv_head,
-                         name='conv_head'), x, train=train)
+                         name='conv_head'), x, train=train,
+                   temperature=temperature)
     x = act(norms(train, 'bn2')(x))
     return Classifier(self.num_classes, convs, self.condconv_classifier,
-                      self.dropout_rate, name='classifier')(x, train=train)
+                      self.dropout_rate, name='classifier')(
+                          x, train=train, temperature=temperature)
 
 
 EFFICIENTNET_B0 = (

@@ -46,9 +46,10 @@ class MobileNetV1(ConvNet):
     return max(int(features * self.width), self.min_depth)
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, temperature=1.0):
     """x: [B, H, W, C] -> logits [B, num_classes] float32, or with
-    feature_layers {layer number: [B, h, w, c]} in the compute dtype."""
+    feature_layers {layer number: [B, h, w, c]} in the compute dtype.
+    temperature: the softmax temperature of DyConv/ODConv convs."""
     num_layers = len(self.separable_layers)
     if any(not 1 <= n <= num_layers for n in self.feature_layers):
       raise ValueError(f'feature_layers must be separable layer numbers in '
@@ -65,15 +66,16 @@ class MobileNetV1(ConvNet):
       cond = number in self.condconv_layers
       dw = convs(features, 3, strides=stride, groups=features,
                  conditional=cond, name=f'sep{number}_dw')
-      x = act(norms(train, f'sep{number}_dw_bn')(apply_conv(dw, x,
-                                                            train=train)))
+      call = lambda conv, h: apply_conv(conv, h, train=train,
+                                        temperature=temperature)
+      x = act(norms(train, f'sep{number}_dw_bn')(call(dw, x)))
       features = self._depth(out)
       pw = convs(features, 1, conditional=cond, name=f'sep{number}_pw')
-      x = act(norms(train, f'sep{number}_pw_bn')(apply_conv(pw, x,
-                                                            train=train)))
+      x = act(norms(train, f'sep{number}_pw_bn')(call(pw, x)))
       if number in self.feature_layers:
         outputs[number] = x
     if self.feature_layers:
       return outputs
     return Classifier(self.num_classes, convs, self.condconv_classifier,
-                      self.dropout_rate, name='classifier')(x, train=train)
+                      self.dropout_rate, name='classifier')(
+                          x, train=train, temperature=temperature)

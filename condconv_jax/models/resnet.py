@@ -1,6 +1,7 @@
 """ResNet v1.5 (stride on the 3x3 conv, as torchvision and the Flax examples),
-with CondConv in chosen stages: every conv of a chosen stage, shortcut
-included, each with its own routing function.
+with conditional convs in chosen stages: every conv of a chosen stage, each
+with its own routing function, the shortcut included unless
+condconv_shortcut=False (ODConv keeps it static).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ class ResNetBlock(nn.Module):
   norms: NormFactory
   activation: str
   drop_path_rate: float = 0.0
+  conditional_shortcut: bool = True
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, temperature=1.0):
     act = activation_fn(self.activation)
     conv = lambda *a, **k: self.convs(*a, conditional=self.conditional, **k)
-    call = lambda c, h: apply_conv(c, h, train=train)
+    call = lambda c, h: apply_conv(c, h, train=train, temperature=temperature)
     if self.bottleneck:
       out_features = 4 * self.features
       h = act(self.norms(train, 'bn1')(call(conv(self.features, 1,
@@ -55,8 +57,10 @@ class ResNetBlock(nn.Module):
           conv(self.features, 3, name='conv2'), h))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = self.norms(train, 'downsample_bn')(call(
-          conv(out_features, 1, strides=self.strides, name='downsample'), x))
+      downsample = self.convs(
+          out_features, 1, strides=self.strides, name='downsample',
+          conditional=self.conditional and self.conditional_shortcut)
+      shortcut = self.norms(train, 'downsample_bn')(call(downsample, x))
     return act(drop_path(h, self.drop_path_rate, self, train) + shortcut)
 
 
@@ -64,11 +68,13 @@ class ResNet(ConvNet):
   depth_layers: int = 50
   condconv_stages: tuple[int, ...] = (4,)
   condconv_classifier: bool = False
+  condconv_shortcut: bool = True
   bn_epsilon: float = 1e-5
   padding: str = 'symmetric'
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, temperature=1.0):
+    """temperature: the softmax temperature of DyConv/ODConv convs."""
     if self.depth_layers not in STAGE_SIZES:
       raise ValueError(f'ResNet depth must be one of {sorted(STAGE_SIZES)}, '
                        f'got {self.depth_layers}.')
@@ -88,7 +94,9 @@ class ResNet(ConvNet):
             conditional=stage in self.condconv_stages, convs=convs,
             norms=norms, activation=self.activation,
             drop_path_rate=self.drop_path_rate * index / total,
-            name=f'layer{stage}_{i}')(x, train=train)
+            conditional_shortcut=self.condconv_shortcut,
+            name=f'layer{stage}_{i}')(x, train=train, temperature=temperature)
         index += 1
     return Classifier(self.num_classes, convs, self.condconv_classifier,
-                      self.dropout_rate, name='classifier')(x, train=train)
+                      self.dropout_rate, name='classifier')(
+                          x, train=train, temperature=temperature)
