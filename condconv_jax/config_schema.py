@@ -30,6 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.padding = config_dict.placeholder(str)
   c.strategy = config_dict.placeholder(str)
   c.routing_dropout = config_dict.placeholder(float)
+  # 'condconv', 'dyconv' or 'odconv' (None: the model's; 'dy_*'/'od_*'
+  # names set their own).
+  c.conv_family = config_dict.placeholder(str)
   c.model_kwargs = ml_collections.ConfigDict()  # e.g. placement overrides
   # Data.
   c.dataset = 'imagenet2012'  # a name in condconv_jax.data.DATASETS
@@ -53,6 +56,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lr_schedule = 'exponential'
   c.lr_decay_rate = 0.97
   c.lr_decay_epochs = 2.4
+  c.lr_milestone_epochs = ()  # lr_schedule='step': decay at these epochs
   c.momentum = 0.9
   c.nesterov = True
   c.rmsprop_decay = 0.9
@@ -63,6 +67,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.weight_decay_params = 'all_but_batchnorm'
   c.label_smoothing = 0.1
   c.ema_decay = 0.9999  # 0 disables; evaluation uses the EMA when enabled
+  # DyConv/ODConv softmax temperature, linear from initial to final over
+  # temperature_epochs, then final (evaluation uses final); 1, 1 = none.
+  c.temperature_initial = 1.0
+  c.temperature_final = 1.0
+  c.temperature_epochs = 0.0
   # Loop.
   c.seed = 0
   c.log_every_steps = 100
@@ -94,5 +103,6 @@ def load_config(directory) -> ml_collections.ConfigDict:
     config.model_kwargs = saved.pop('model_kwargs', {})
     config.loss_kwargs = saved.pop('loss_kwargs', {})
   saved['compare_num_experts'] = tuple(saved.get('compare_num_experts', ()))
+  saved['lr_milestone_epochs'] = tuple(saved.get('lr_milestone_epochs', ()))
   config.update(saved)
   return config

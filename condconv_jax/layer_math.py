@@ -9,6 +9,14 @@ same parameter tree:
                   routing/dense/{kernel [Cin, E], bias [E]}
   Routing         dense/{kernel [Cin, E], bias [E]}
   DepthwiseConv   kernel [kh, kw, 1, C*m], bias [C*m] (nn.Conv's)
+  DynamicConv     kernel [K, kh, kw, Cin/g, Cout], bias [K, Cout],
+                  attention/{fc1, fc2}
+  ODConv          kernel [K, kh, kw, Cin/g, Cout], bias [Cout] (optional),
+                  attention/{fc, bn, channel_fc, filter_fc, spatial_fc,
+                  kernel_fc}; batch_stats attention/bn/{mean, var}
+
+(`dynamic_layers.py` and `nnx_dynamic.py` are DynamicConv's and ODConv's
+Linen and NNX faces.)
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@
 
     model = ccnnx.condconvify(model, num_experts=8, rngs=nnx.Rngs(0))
 
-The layers are the Linen modules of `condconv_jax.layers` with NNX's
-construction: the math is the same code (`layer_math`), and
+`DynamicConv` and `ODConv` (CondConv's successors, from `nnx_dynamic.py`)
+are here too. The layers are the Linen modules of `condconv_jax.layers`
+and `dynamic_layers` with NNX's construction: the math is the same code
+(`layer_math`), and
 `nnx.state(layer, nnx.Param)` holds exactly the Linen module's parameter
 tree (same names and shapes), so a checkpoint moves between the two APIs
 as it is. Routing weights are sown as `nnx.Intermediate` 'routing_weights':
@@ -321,3 +323,7 @@ def condconvify(model: nnx.Module, *, num_experts: int, rngs: nnx.Rngs,
         'weights): condconvify replaces a module at one place only. Untie '
         'it, or leave it out with `where`; the model is unchanged.')
   return model
+
+
+__all__ = ['CondConv', 'DepthwiseConv', 'DynamicAttention', 'DynamicConv',
+           'ODAttention', 'ODConv', 'Routing', 'condconvify', 'upcycle_conv']

@@ -35,6 +35,19 @@ RESNET = dict(optimizer='sgd', nesterov=True, momentum=0.9, learning_rate=0.1,
               num_epochs=90.0, weight_decay=1e-4, weight_decay_params='kernels',
               label_smoothing=0.1, ema_decay=0.0)
 MOBILENET = dict(TF_TPU_RECIPE, weight_decay=4e-5)
+# docs/paper.md, "The dynamic-convolution family": the official ODConv
+# commands and main.py (batch 256 over 8 GPUs, PyTorch SGD with
+# weight_decay on every parameter, no warm-up, smoothing or EMA), and its
+# get_temperature: 30 -> 1 linearly over the first 10 epochs.
+OD_COMMON = dict(optimizer='sgd', nesterov=False, momentum=0.9,
+                 batch_size=256, warmup_epochs=0.0, weight_decay_params='all',
+                 label_smoothing=0.0, ema_decay=0.0, temperature_initial=30.0,
+                 temperature_final=1.0, temperature_epochs=10.0)
+OD_RESNET = dict(OD_COMMON, num_epochs=100.0, learning_rate=0.1,
+                 lr_schedule='step', lr_decay_rate=0.1,
+                 lr_milestone_epochs=(30, 60, 90), weight_decay=1e-4)
+OD_MOBILENET = dict(OD_COMMON, num_epochs=150.0, learning_rate=0.05,
+                    lr_schedule='cosine', weight_decay=4e-5)
 
 EXPECTED = {
     'efficientnet_b0': ('efficientnet_b0', 0, 1.0,
@@ -62,6 +75,24 @@ EXPECTED = {
                                                   bn_momentum=0.99)),
     'resnet50': ('resnet50', 0, 1.0, RESNET),
     'resnet50_cc8': ('resnet50', 8, 1.0, RESNET),
+    **{name: (model, experts, 1.0, recipe) for name, (model, experts, recipe)
+       in {
+           'od_resnet18_4x': ('od_resnet18', 4,
+                              dict(OD_RESNET, dropout_rate=0.2)),
+           'od_resnet50': ('od_resnet50', 1, dict(OD_RESNET,
+                                                  dropout_rate=0.1)),
+           'od_resnet50_4x': ('od_resnet50', 4, dict(OD_RESNET,
+                                                     dropout_rate=0.1)),
+           'od_mobilenetv2_100': ('od_mobilenetv2_100', 1,
+                                  dict(OD_MOBILENET, dropout_rate=0.2)),
+           'od_mobilenetv2_100_4x': ('od_mobilenetv2_100', 4,
+                                     dict(OD_MOBILENET, dropout_rate=0.2)),
+           'dy_mobilenetv2_100': ('dy_mobilenetv2_100', 4,
+                                  dict(OD_MOBILENET, num_epochs=300.0,
+                                       dropout_rate=0.2)),
+           'dy_resnet18': ('dy_resnet18', 4, dict(OD_RESNET,
+                                                  dropout_rate=0.1)),
+       }.items()},
 }
 # Parameter counts with 1000 classes (tests/test_models.py's pins).
 PARAMS = {('efficientnet_b0', 0, 1.0): 5_288_548,
@@ -76,7 +107,13 @@ PARAMS = {('efficientnet_b0', 0, 1.0): 5_288_548,
           ('mnasnet_a1', 0, 1.0): 3_887_038,
           ('mnasnet_a1', 8, 1.0): 16_167_030,
           ('resnet50', 0, 1.0): 25_557_032,
-          ('resnet50', 8, 1.0): 130_226_296}
+          ('resnet50', 8, 1.0): 130_226_296,
+          # ODConv's README (11.94M, 44.90M, 28.64M, 90.67M, 4.94M, 11.51M).
+          ('od_resnet18', 4, 1.0): 44_901_640,
+          ('od_resnet50', 1, 1.0): 28_635_112,
+          ('od_resnet50', 4, 1.0): 90_670_888,
+          ('od_mobilenetv2_100', 1, 1.0): 4_940_185,
+          ('od_mobilenetv2_100', 4, 1.0): 11_512_149}
 
 
 def test_every_paper_experiment_has_a_config():
@@ -96,7 +133,9 @@ def test_imagenet_config_is_the_papers_recipe(name):
                                                               width)
   assert config.dataset == 'imagenet2012' and config.image_size == 224
   for key, value in values.items():
-    assert config[key] == value, (key, config[key], value)
+    got = config[key]
+    got = tuple(got) if isinstance(got, (list, tuple)) else got
+    assert got == value, (key, got, value)
   with pytest.raises(AttributeError):
     config.not_a_field = 1
   # The model the config builds, initialized (abstractly) at 224x224.
@@ -111,6 +150,21 @@ def test_imagenet_config_is_the_papers_recipe(name):
                     if k[-1] == 'kernel' and v.ndim == 5]
   assert expert_kernels == [experts] * len(expert_kernels)
   assert bool(expert_kernels) == (experts > 0)
+
+
+@pytest.mark.parametrize('name,family,experts', [
+    ('fashion_mnist_dyconv', 'dyconv', (4,)),
+    ('fashion_mnist_odconv', 'odconv', (1, 4))])
+def test_fashion_mnist_dynamic_configs(name, family, experts):
+  module = importlib.import_module(f'configs.{name}')
+  assert f'python train.py --config configs/{name}.py' in module.__doc__
+  config = module.get_config()
+  assert config.conv_family == family
+  assert tuple(config.compare_num_experts) == experts
+  # 30 -> 1 over the first 10% of the 5 epochs, as the papers' 10 epochs.
+  assert (config.temperature_initial, config.temperature_final,
+          config.temperature_epochs, config.num_epochs) == (30.0, 1.0, 0.5,
+                                                            5.0)
 
 
 def test_fashion_mnist_config():
@@ -160,7 +214,9 @@ def test_coco_config_is_the_tf_recipe(name):
   want = dict(COCO_RECIPES[recipe])
   steps, lr = want.pop('steps'), want.pop('lr')
   for key, value in want.items():
-    assert config[key] == value, (key, config[key], value)
+    got = config[key]
+    got = tuple(got) if isinstance(got, (list, tuple)) else got
+    assert got == value, (key, got, value)
   assert trainer.train_steps(config, COCO_TRAIN_IMAGES) == steps
   schedule = optim.learning_rate_schedule(
       config, COCO_TRAIN_IMAGES / config.batch_size, steps)

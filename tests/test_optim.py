@@ -247,11 +247,12 @@ def test_training_loss_is_label_smoothed_cross_entropy(three_steps):
 
 @pytest.mark.parametrize('field,value,valid', [
     ('optimizer', 'adamw', "'rmsprop', 'sgd', 'adam'"),
-    ('lr_schedule', 'step', "'exponential', 'cosine', 'constant'"),
+    ('lr_schedule', 'linear', "'exponential', 'cosine', 'constant', 'step'"),
     ('dtype', 'float16', "'float32', 'bfloat16'"),
-    ('weight_decay_params', 'all',
-     "'all_but_batchnorm', 'kernels', 'kernels_but_depthwise'"),
+    ('weight_decay_params', 'everything',
+     "'all_but_batchnorm', 'kernels', 'kernels_but_depthwise', 'all'"),
     ('activation', 'gelu', "'relu', 'relu6', 'swish', 'silu'"),
+    ('conv_family', 'condconv2', "'condconv', 'dyconv', 'odconv'"),
     ('padding', 'same', "'SAME', 'symmetric'"),
     ('strategy', 'fast', "'auto', 'vmap', 'experts', 'direct', 'loop'"),
 ])
@@ -260,3 +261,67 @@ def test_unknown_string_options_name_the_valid_ones(field, value, valid):
   with pytest.raises(ValueError, match=f'{field} must be one of {valid}; '
                      f'got {value!r}'):
     trainer.Trainer(cfg, tiny.dataset(cfg))
+
+
+def odconv_get_temperature(iteration, epoch, iter_per_epoch, temp_epoch=10,
+                           temp_init=30.0):
+  """A transcription of the official ODConv utils/misc.py get_temperature."""
+  total_temp_iter = iter_per_epoch * temp_epoch
+  current_iter = iteration + epoch * iter_per_epoch
+  return 1.0 + max(0, (temp_init - 1.0) * (
+      (total_temp_iter - current_iter) / total_temp_iter))
+
+
+def test_temperature_schedule_is_odconvs_get_temperature():
+  """Step s trains at get_temperature(s): main.py sets 30 before the first
+  batch and get_temperature(i + 1) after batch i."""
+  steps_per_epoch = IMAGENET_TRAIN / 256
+  schedule = optim.temperature_schedule(
+      recipe(temperature_initial=30.0, temperature_final=1.0,
+             temperature_epochs=10.0), steps_per_epoch)
+  iters = math.ceil(steps_per_epoch)
+  for step in (0, 1, 2500, 25_000, 10 * iters - 1, 10 * iters, 60_000):
+    epoch, iteration = divmod(step, iters)
+    want = odconv_get_temperature(iteration, epoch, iters)
+    # The official count uses whole batches per epoch; ours the float
+    # examples / batch, as every schedule here: they differ by < 1e-3.
+    assert float(schedule(step)) == pytest.approx(want, abs=2e-3), step
+  assert float(schedule(0)) == 30.0
+  assert float(schedule(10 ** 7)) == 1.0
+
+
+def test_no_temperature_schedule_by_default_and_bad_values_named():
+  assert optim.temperature_schedule(get_base_config(), 100.0) is None
+  with pytest.raises(ValueError, match='temperature_initial must be > 0'):
+    optim.temperature_schedule(recipe(temperature_initial=0.0), 100.0)
+  with pytest.raises(ValueError, match='temperature_epochs must be >= 0'):
+    optim.temperature_schedule(recipe(temperature_initial=2.0,
+                                      temperature_epochs=-1.0), 100.0)
+
+
+def test_step_schedule_is_pytorchs_multistep_per_epoch():
+  """lr = 0.1 * 0.1 ** (milestones reached), stepped per epoch (ODConv's
+  adjust_learning_rate with --lr-decay schedule --schedule 30 60 90)."""
+  config = recipe(lr_schedule='step', learning_rate=0.1, batch_size=256,
+                  lr_decay_rate=0.1, lr_milestone_epochs=(30, 60, 90),
+                  warmup_epochs=0.0)
+  steps_per_epoch = IMAGENET_TRAIN / 256
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch,
+                                          int(100 * steps_per_epoch))
+  for epoch, want in ((0, 0.1), (29.9, 0.1), (30, 0.01), (59.5, 0.01),
+                      (60, 1e-3), (90, 1e-4), (99.9, 1e-4)):
+    step = math.ceil(epoch * steps_per_epoch)
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-5), epoch
+  with pytest.raises(ValueError, match='lr_milestone_epochs'):
+    optim.learning_rate_schedule(recipe(lr_schedule='step'), 10.0, 100)
+
+
+def test_weight_decay_all_reaches_every_parameter():
+  """PyTorch's SGD(model.parameters(), weight_decay=wd): BatchNorm scales
+  and biases and the attentions' parameters too (official ODConv)."""
+  model = get_model('od_resnet18', num_experts=4, num_classes=10)
+  variables = jax.eval_shape(model.init, jax.random.key(0),
+                             np.zeros((1, 32, 32, 3), np.float32))
+  mask = optim.decay_mask(variables['params'], variables['batch_stats'],
+                          'all')
+  assert all(traverse_util.flatten_dict(mask).values())

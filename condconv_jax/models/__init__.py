@@ -40,10 +40,15 @@ def _mobilenet_v1(*, width, depth, **kwargs):
 
 def _mobilenet_v1_mini(*, width, depth, **kwargs):
   """A 6-separable-layer MobileNetV1 for 28x28 images (the embedded
-  Fashion-MNIST experiment): CondConv in layers 4-6 and the classifier."""
+  Fashion-MNIST experiment): CondConv in layers 4-6 and the classifier;
+  DyConv/ODConv (conv_family) in every conv but the stem, the classifier
+  static, as their papers place them."""
   _require_depth_one('mobilenet_v1_mini', depth)
   defaults = dict(separable_layers=MINI_LAYERS, stem_features=16,
                   stem_strides=2, condconv_layers=(4, 5, 6))
+  if kwargs.get('conv_family', 'condconv') != 'condconv':
+    defaults.update(condconv_layers=tuple(range(1, len(MINI_LAYERS) + 1)),
+                    condconv_classifier=False)
   return MobileNetV1(width=width, **{**defaults, **kwargs})
 
 

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from condconv_jax.choices import check_choice
 
-SCHEDULES = ('exponential', 'cosine', 'constant')
+SCHEDULES = ('exponential', 'cosine', 'constant', 'step')
 OPTIMIZERS = ('rmsprop', 'sgd', 'adam')
 # Which parameters weight decay reaches. 'all_but_batchnorm' is the official
 # TF EfficientNet/MnasNet/CondConv rule (main.py adds weight_decay *
@@ -26,7 +26,10 @@ OPTIMIZERS = ('rmsprop', 'sgd', 'adam')
 # 'kernels_but_depthwise' is TF-slim's MobileNetV1 default
 # (mobilenet_v1_arg_scope(regularize_depthwise=False)); the TF Object
 # Detection API's SSD turns it on there, so its recipes use 'kernels'.
-WEIGHT_DECAY_PARAMS = ('all_but_batchnorm', 'kernels', 'kernels_but_depthwise')
+# 'all' is PyTorch's SGD(weight_decay=...) over model.parameters(), the
+# official ODConv recipe's.
+WEIGHT_DECAY_PARAMS = ('all_but_batchnorm', 'kernels', 'kernels_but_depthwise',
+                       'all')
 
 
 def peak_learning_rate(config) -> float:
@@ -44,9 +47,14 @@ def learning_rate_schedule(config, steps_per_epoch: float, total_steps: int):
   warmup_learning_rate) to the peak overrides the first warmup_steps =
   int(warmup_epochs * steps_per_epoch) steps (it does not delay the decay). 'cosine': warm-up, then a half cosine from the peak to 0
   over the steps after warm-up (Goyal et al. / the Flax ImageNet example,
-  the ResNet recipe's). 'constant': the peak after warm-up.
+  the ResNet recipe's). 'constant': the peak after warm-up. 'step': peak *
+  lr_decay_rate ** (how many of lr_milestone_epochs the current epoch has
+  reached), PyTorch's MultiStepLR stepped per epoch (ResNet's 30/60/90).
   """
   check_choice('config.lr_schedule', config.lr_schedule, SCHEDULES)
+  if config.lr_schedule == 'step' and not config.lr_milestone_epochs:
+    raise ValueError("config.lr_schedule='step' needs "
+                     'config.lr_milestone_epochs, e.g. (30, 60, 90).')
   peak = peak_learning_rate(config)
   warmup = int(config.warmup_epochs * steps_per_epoch)
   decay_steps = max(config.lr_decay_epochs * steps_per_epoch, 1.0)
@@ -59,12 +67,48 @@ def learning_rate_schedule(config, steps_per_epoch: float, total_steps: int):
     elif config.lr_schedule == 'cosine':
       progress = jnp.clip((step - warmup) / cosine_steps, 0.0, 1.0)
       lr = 0.5 * peak * (1.0 + jnp.cos(math.pi * progress))
+    elif config.lr_schedule == 'step':
+      epoch = jnp.floor(step / steps_per_epoch)
+      reached = sum((epoch >= m).astype(jnp.float32)
+                    for m in config.lr_milestone_epochs)
+      lr = peak * config.lr_decay_rate ** reached
     else:
       lr = jnp.full_like(step, peak)
     if warmup > 0:
       start = config.warmup_start * peak
       lr = jnp.where(step < warmup, start + (peak - start) * step / warmup, lr)
     return lr
+
+  return schedule
+
+
+def temperature_schedule(config, steps_per_epoch: float):
+  """step -> the softmax temperature of DyConv/ODConv attentions, or None
+  when it stays 1 (no schedule).
+
+  Linear from temperature_initial at step 0 to temperature_final at
+  temperature_epochs, then constant: DyConv's 30 -> 1 over the first 10
+  epochs, and the official ODConv main.py's get_temperature (updated every
+  iteration, T = 1 + (30 - 1) * (1 - step / (10 * steps_per_epoch))).
+  """
+  start, end = config.temperature_initial, config.temperature_final
+  for name, value in (('temperature_initial', start),
+                      ('temperature_final', end)):
+    if value <= 0:
+      raise ValueError(f'config.{name} must be > 0, got {value}.')
+  if config.temperature_epochs < 0:
+    raise ValueError(f'config.temperature_epochs must be >= 0, got '
+                     f'{config.temperature_epochs}.')
+  if start == end == 1.0:
+    return None
+  anneal_steps = config.temperature_epochs * steps_per_epoch
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if anneal_steps <= 0:
+      return jnp.full_like(step, end)
+    progress = jnp.clip(step / anneal_steps, 0.0, 1.0)
+    return start + (end - start) * progress
 
   return schedule
 
@@ -82,7 +126,9 @@ def decay_mask(params, batch_stats, rule: str, depthwise=()):
                        traverse_util.flatten_dict(batch_stats)}
   depthwise = set(depthwise)
   flat = traverse_util.flatten_dict(params)
-  if rule == 'all_but_batchnorm':
+  if rule == 'all':
+    mask = {path: True for path in flat}
+  elif rule == 'all_but_batchnorm':
     mask = {path: path[:-1] not in batchnorm_modules for path in flat}
   else:
     # CondConv's expert biases are 2-D, so the rule is by name, not by rank.

@@ -43,7 +43,8 @@ from condconv_jax.upcycling import upcycle
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Model fields a config may set; None in the config keeps the model default.
 MODEL_FIELDS = ('dropout_rate', 'drop_path_rate', 'bn_momentum', 'bn_epsilon',
-                'activation', 'padding', 'strategy', 'routing_dropout')
+                'activation', 'padding', 'strategy', 'routing_dropout',
+                'conv_family')
 
 
 @flax.struct.dataclass
@@ -73,15 +74,24 @@ def build_model(config, num_classes: int):
                    **kwargs)
 
 
+def _temperature_kwargs(temperature) -> dict:
+  """The model's call argument for a temperature (None: no schedule)."""
+  return {} if temperature is None else {'temperature': temperature}
+
+
 def train_step(state: TrainState, batch, *, model, tx, task, normalize,
-               ema_decay: float):
+               ema_decay: float, temperature=None):
+  """temperature: step -> DyConv/ODConv softmax temperature, or None."""
   rng = jax.random.fold_in(state.rng, state.step)
   images = normalize(batch['image'])
+  call_kwargs = _temperature_kwargs(
+      None if temperature is None else temperature(state.step))
 
   def loss_fn(params):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images,
-        train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+        train=True, mutable=['batch_stats'], rngs={'dropout': rng},
+        **call_kwargs)
     loss, metrics = task.loss(outputs, batch)
     return loss, (metrics, updates['batch_stats'])
 
@@ -104,9 +114,16 @@ def train_step(state: TrainState, batch, *, model, tx, task, normalize,
   return new_state, metrics
 
 
-def eval_step(variables, batch, *, model, task, normalize):
-  outputs = model.apply(variables, normalize(batch['image']), train=False)
+def eval_step(variables, batch, *, model, task, normalize, temperature=None):
+  outputs = model.apply(variables, normalize(batch['image']), train=False,
+                        **_temperature_kwargs(temperature))
   return task.eval_outputs(outputs, batch)
+
+
+def has_dynamic_convs(model) -> bool:
+  """Whether the model has DyConv/ODConv convs (a temperature to anneal)."""
+  return (getattr(model, 'conv_family', 'condconv') in ('dyconv', 'odconv')
+          and getattr(model, 'num_experts', 0) > 0)
 
 
 def make_task(config, dataset, model):
@@ -167,6 +184,18 @@ class Trainer:
     self.total_steps = train_steps(config, self.dataset.num_train)
     self.schedule = optim.learning_rate_schedule(
         config, self.dataset.num_train / config.batch_size, self.total_steps)
+    self.temperature = optim.temperature_schedule(
+        config, self.dataset.num_train / config.batch_size)
+    if self.temperature is not None and not has_dynamic_convs(self.model):
+      raise ValueError(
+          f'config.temperature_* anneal the softmax of DyConv/ODConv convs, '
+          f'and {config.model} (num_experts={config.num_experts}, '
+          f'conv_family={getattr(self.model, "conv_family", None)}) has '
+          f'none: use a dy_*/od_* model or conv_family dyconv/odconv with '
+          f'num_experts > 0, or leave temperature_initial = '
+          f'temperature_final = 1.')
+    eval_temperature = (None if self.temperature is None
+                        else config.temperature_final)
     self.cost = cost.count(self.model, self.image_shape())
     abstract = self.abstract_variables()
     self.tx = optim.make_optimizer(
@@ -178,12 +207,14 @@ class Trainer:
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx,
                           task=self.task, normalize=self.normalize,
-                          ema_decay=config.ema_decay),
+                          ema_decay=config.ema_decay,
+                          temperature=self.temperature),
         in_shardings=(self.replicated, self.data_sharding),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, task=self.task,
-                          normalize=self.normalize),
+                          normalize=self.normalize,
+                          temperature=eval_temperature),
         in_shardings=(self.replicated, self.data_sharding),
         out_shardings=self.replicated)
 
@@ -323,6 +354,10 @@ def train_and_evaluate(config, workdir, *, dataset=None,
     raise ValueError('config.init_from upcycles a static run into a '
                      'CondConv model: set config.num_experts > 0 (and '
                      'config.compare_num_experts=() for a single run).')
+  if config.init_from and config.conv_family not in (None, 'condconv'):
+    raise ValueError(f'config.init_from upcycles a static run into CondConv '
+                     f'experts; conv_family {config.conv_family!r} has '
+                     f'attentions with no static counterpart to start from.')
   workdir = paths.as_path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -368,6 +403,8 @@ def train_and_evaluate(config, workdir, *, dataset=None,
         if done % config.log_every_steps == 0 or last:
           summary = _mean_metrics(window)
           summary['learning_rate'] = float(trainer.schedule(step))
+          if trainer.temperature is not None:
+            summary['temperature'] = float(trainer.temperature(step))
           summary['images_per_second'] = log.progress_to(
               done, {'loss': summary['loss']})
           log.write(done, 'train', summary)

@@ -43,3 +43,41 @@ def tpu_recipe(model: str, num_experts: int = 0, **overrides):
 
 def resnet_recipe(num_experts: int = 0, **overrides):
   return _config('resnet50', num_experts, {**RESNET_RECIPE, **overrides})
+
+
+# The official ODConv recipes (OSVAI/ODConv README commands and main.py;
+# docs/paper.md): SGD with momentum 0.9 (no Nesterov), 256 per step, no
+# warm-up, label smoothing or EMA, weight decay on every parameter
+# (PyTorch's SGD weight_decay), float32 (--use_amp optional), and the
+# softmax temperature linear from 30 to 1 over the first 10 epochs.
+# ResNets: 100 epochs, 0.1, x0.1 at epochs 30/60/90, weight decay 1e-4.
+# MobileNetV2: 150 epochs, 0.05 with cosine decay, weight decay 4e-5. The
+# official cosine is stepped once per epoch; ours is per step (the two
+# differ by under one epoch's decay at any step).
+TEMPERATURE_ANNEALING = dict(temperature_initial=30.0, temperature_final=1.0,
+                             temperature_epochs=10.0)
+ODCONV_COMMON = dict(
+    dtype='float32', batch_size=256, warmup_epochs=0.0, optimizer='sgd',
+    nesterov=False, momentum=0.9, weight_decay_params='all',
+    label_smoothing=0.0, ema_decay=0.0, checkpoint_every_steps=2000,
+    **TEMPERATURE_ANNEALING)
+ODCONV_RESNET_RECIPE = dict(
+    ODCONV_COMMON, num_epochs=100.0, learning_rate=0.1, lr_schedule='step',
+    lr_decay_rate=0.1, lr_milestone_epochs=(30, 60, 90), weight_decay=1e-4)
+ODCONV_MOBILENET_RECIPE = dict(
+    ODCONV_COMMON, num_epochs=150.0, learning_rate=0.05,
+    lr_schedule='cosine', weight_decay=4e-5)
+# Dynamic Convolution's recipes as its paper states them (Sec. 4, quoted by
+# secondary sources [P]; no official code): MobileNetV2 300 epochs, 0.05
+# with cosine decay, weight decay 4e-5, dropout 0.2; ResNet-18 100 epochs,
+# 0.1 divided by 10 at epochs 30/60/90, weight decay 1e-4, dropout 0.1;
+# batch 256, SGD momentum 0.9, the temperature annealed 30 -> 1 over the
+# first 10 epochs. Not stated, taken from ODConv (which builds on DyConv's
+# reimplementation): decay on every parameter, no label smoothing or EMA.
+DYCONV_MOBILENET_RECIPE = dict(ODCONV_MOBILENET_RECIPE, num_epochs=300.0,
+                               dropout_rate=0.2)
+DYCONV_RESNET_RECIPE = dict(ODCONV_RESNET_RECIPE, dropout_rate=0.1)
+
+
+def dynamic_recipe(model: str, num_experts: int, recipe: dict, **overrides):
+  return _config(model, num_experts, {**recipe, **overrides})
