@@ -2,6 +2,9 @@
 
     python -m benchmarks.layer_bench            # the CPU layer table (~10 min)
     python -m benchmarks.layer_bench --cases pw512 --batches 8 --strategies direct
+    python -m benchmarks.layer_bench --families condconv dyconv odconv \
+        --cases pw512 dw512 conv128 --batches 8 \
+        --strategies auto direct loop vmap
 
 For each layer shape and batch it times, forward and forward+backward, the
 fastest static conv of the same shape (lax.conv, and for 1x1 one matmul, for
@@ -13,12 +16,27 @@ The auto column repeats the cell of the strategy auto picks (the same
 function). Absolute times are printed only as a sanity check: on a shared
 CPU only the ratios, measured minutes apart in the same process, are
 comparable.
+
+--families adds CondConv's successors, each timed against the same static
+conv measured once per row group: `dyconv` is `condconv_jax.DynamicConv`
+with K=4 (softmax attention, per-expert biases), `odconv` is
+`condconv_jax.ODConv` with K=1 and with K=4 (the paper's "1x" and "4x";
+in forward its attention's BatchNorm uses running averages, in
+forward+backward batch statistics, as in training). These run the Linen
+layers themselves, attention included; their MACs column is the layer's
+`condconv_jax.models.cost` count over the static conv's. With a spatial
+attention (ODConv on a k x k conv, depthwise included) every example has
+its own kernel and only the per-example strategies apply (`n/a` under
+experts); an ODConv-1 1x1 layer is one static conv whatever the strategy
+(timed once, under the first strategy; `auto ->` says `static`). With more
+than the default family a `layer` column names each row's layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -27,11 +45,33 @@ import numpy as np
 
 import condconv_jax
 from benchmarks import model_bench
-from condconv_jax import cpu_setup, static_ops
+from condconv_jax import cpu_setup, layer_math, static_ops
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import conv_geometry
+from condconv_jax.models import cost
 
 NUM_EXPERTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One timed layer: CondConv (this module's own layer function) or a
+  Linen successor ('dyconv': DynamicConv, 'odconv': ODConv)."""
+  kind: str
+  experts: int
+
+  @property
+  def label(self) -> str:
+    name = {'condconv': 'CondConv', 'dyconv': 'DyConv',
+            'odconv': 'ODConv'}[self.kind]
+    return f'{name}-{self.experts}'
+
+
+FAMILIES = {
+    'condconv': (Family('condconv', NUM_EXPERTS),),
+    'dyconv': (Family('dyconv', 4),),
+    'odconv': (Family('odconv', 1), Family('odconv', 4)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +145,50 @@ def condconv_layer(case: Case, strategy: str):
   return layer
 
 
+def dynamic_module(case: Case, family: Family, strategy: str):
+  cls = condconv_jax.DynamicConv if family.kind == 'dyconv' else (
+      condconv_jax.ODConv)
+  return cls(case.cout, (case.kernel, case.kernel), padding='SAME',
+             feature_group_count=case.groups, num_experts=family.experts,
+             strategy=strategy)
+
+
+def dynamic_variables(case: Case, family: Family, x, dtype):
+  """The layer's variables (its own initializers, key 0), cast to dtype."""
+  module = dynamic_module(case, family, 'auto')
+  init = jax.jit(lambda x: module.init(jax.random.key(0), x, train=False))
+  return jax.tree.map(lambda a: a.astype(dtype), init(x))
+
+
+def dynamic_layer(case: Case, family: Family, strategy: str, mode: str,
+                  others):
+  """f(x, params) for the Linen layer; `others`: its non-param collections
+  (ODConv's attention batch_stats). ODConv's BatchNorm trains in fwd+bwd."""
+  module = dynamic_module(case, family, strategy)
+  if family.kind == 'odconv' and mode == 'fwd+bwd':
+    def layer(x, params):
+      y, _ = module.apply({'params': params, **others}, x, train=True,
+                          mutable=['batch_stats'])
+      return y
+  else:
+    def layer(x, params):
+      return module.apply({'params': params, **others}, x)
+  return layer
+
+
+def dynamic_mac_ratio(case: Case, family: Family, geom) -> float:
+  """The layer's multiply-adds (conv, mixing, attention; the library's
+  count) over the static conv's, per example."""
+  layer = cost.count(dynamic_module(case, family, 'auto'),
+                     (1, case.size, case.size, case.cin))
+  return layer.macs / (np.prod(geom.out_spatial) * geom.kernel_elements)
+
+
+def odconv_heads(case: Case, family: Family):
+  return layer_math.odconv_head_sizes(case.cin, case.cout, case.kernel,
+                                      case.groups, family.experts)
+
+
 def forward_backward(fn):
   """Gradient w.r.t. every input of fn(x, w) -> y, for a fixed cotangent."""
   def loss(x, w):
@@ -120,7 +204,8 @@ def mac_ratio(case: Case, batch: int, geom) -> float:
   return (conv + mixing + routing) / conv
 
 
-def measure(case: Case, batch: int, strategies, skip, dtype, **timing):
+def measure(case: Case, batch: int, strategies, skip, dtype,
+            families=FAMILIES['condconv'], **timing):
   rng = np.random.default_rng(0)
   normal = lambda shape, scale=1.0: jnp.asarray(
       rng.standard_normal(shape, np.float32) * scale, dtype)
@@ -131,6 +216,8 @@ def measure(case: Case, batch: int, strategies, skip, dtype, **timing):
             'routing': normal((case.cin, NUM_EXPERTS), 0.05)}
   geom = conv_geometry(x.shape, kshape, padding='SAME',
                        feature_group_count=case.groups)
+  dynamic = {family: dynamic_variables(case, family, x, dtype)
+             for family in families if family.kind != 'condconv'}
   rows = []
   for mode in ('fwd', 'fwd+bwd'):
     wrap = (lambda f: f) if mode == 'fwd' else forward_backward
@@ -138,26 +225,59 @@ def measure(case: Case, batch: int, strategies, skip, dtype, **timing):
               for name, f in static_variants(case, geom, mode).items()}
     best_name = min(static, key=static.get)
     base = static[best_name]
-    row = {'case': case.describe(), 'batch': batch, 'mode': mode,
-           'static': f'{best_name} {base * 1e3:.2f}ms',
-           'static/lax.conv': base / static['lax.conv'],
-           'MACs': mac_ratio(case, batch, geom)}
-    chosen = strategy_lib.choose(geom, batch, NUM_EXPERTS,
-                                 jax.default_backend())
-    for strategy in strategies:
-      reason = skip(case, batch, mode, strategy)
-      if reason:
-        row[strategy] = reason
-        continue
-      if strategy == 'auto' and chosen in strategies:
-        continue  # the same function as the chosen strategy's: its cell below
-      fn = jax.jit(wrap(condconv_layer(case, strategy)))
-      row[strategy] = time_call(fn, (x, params), **timing) / base
-    if 'auto' in strategies:
-      row['auto ->'] = chosen
-      row.setdefault('auto', row.get(chosen))
-    rows.append(row)
-    print(format_row(row, strategies), flush=True)
+    for family in families:
+      row = {'case': case.describe(), 'batch': batch, 'mode': mode,
+             'layer': family.label,
+             'static': f'{best_name} {base * 1e3:.2f}ms',
+             'static/lax.conv': base / static['lax.conv']}
+      chosen = strategy_lib.choose(geom, batch, family.experts,
+                                   jax.default_backend())
+      if family.kind == 'condconv':
+        row['MACs'] = mac_ratio(case, batch, geom)
+        layer_fn = lambda s: condconv_layer(case, s)
+        args = (x, params)
+        unsupported = lambda s: None
+        one_function = False
+      else:
+        row['MACs'] = dynamic_mac_ratio(case, family, geom)
+        variables = dict(dynamic[family])
+        args = (x, variables.pop('params'))
+        layer_fn = functools.partial(dynamic_layer, case, family,
+                                     mode=mode, others=variables)
+        heads = odconv_heads(case, family) if family.kind == 'odconv' else {}
+        # A spatial attention gives every example its own kernel.
+        unsupported = lambda s, spatial='spatial' in heads: (
+            'n/a' if spatial and s == 'experts' else None)
+        # ODConv-1 on a 1x1 conv: one static conv, whatever the strategy.
+        one_function = family.kind == 'odconv' and not (
+            {'spatial', 'kernel'} & set(heads))
+        if one_function:
+          chosen = 'static'
+        elif family.kind == 'odconv' and 'kernel' not in heads:
+          # K = 1 with a spatial attention: the layer's own auto rule.
+          chosen = strategy_lib.resolve('auto', geom, batch, 1,
+                                        jax.default_backend(),
+                                        spatial_only=True)
+      timed = None  # the strategy timed for a layer that is one function
+      for strategy in strategies:
+        reason = unsupported(strategy) or skip(case, batch, mode, strategy)
+        if reason:
+          row[strategy] = reason
+          continue
+        if strategy == 'auto' and chosen in strategies:
+          continue  # the same function as the chosen strategy's: its cell
+        if one_function and timed:
+          row[strategy] = f'={timed}'
+          continue
+        fn = jax.jit(wrap(layer_fn(strategy)))
+        row[strategy] = time_call(fn, args, **timing) / base
+        timed = strategy
+      if 'auto' in strategies:
+        row['auto ->'] = chosen
+        row.setdefault('auto', row.get(chosen))
+      rows.append(row)
+      print(format_row(row, strategies, show_layer=families !=
+                       FAMILIES['condconv']), flush=True)
   return rows
 
 
@@ -172,10 +292,12 @@ def known_pathological(case: Case, batch: int, mode: str, strategy: str):
   return None
 
 
-def format_row(row, strategies):
-  cells = [f"{row['case']:<22}", f"{row['batch']:>4}", f"{row['mode']:<8}",
-           f"{row['static']:<20}", f"{row['static/lax.conv']:>7.2f}",
-           f"{row['MACs']:>5.2f}"]
+def format_row(row, strategies, show_layer=False):
+  cells = [f"{row['case']:<22}", f"{row['batch']:>4}", f"{row['mode']:<8}"]
+  if show_layer:
+    cells.append(f"{row['layer']:<10}")
+  cells += [f"{row['static']:<20}", f"{row['static/lax.conv']:>7.2f}",
+            f"{row['MACs']:>5.2f}"]
   for s in strategies:
     v = row[s]
     cells.append(f'{v:>9.2f}' if isinstance(v, float) else f'{v:>9}')
@@ -202,33 +324,57 @@ def main():
                       help='a cell whose single call takes longer is timed once')
   parser.add_argument('--run-pathological', action='store_true',
                       help='also run the CPU cells known to take minutes or OOM')
+  parser.add_argument('--families', nargs='+', default=['condconv'],
+                      choices=list(FAMILIES),
+                      help='layers to time against the static conv: condconv '
+                      f'(E={NUM_EXPERTS}), dyconv (DynamicConv, K=4), odconv '
+                      '(ODConv, K=1 and K=4)')
+  parser.add_argument('--size', type=int, default=None,
+                      help='spatial size of every case but fc1024 (default: '
+                      "each case's own)")
   args = parser.parse_args()
   cpu_setup.use_tcmalloc()  # re-executes once with tcmalloc preloaded
   batches = args.batches or (
       [1, 8, 64] if jax.default_backend() == 'cpu' else [1, 8, 64, 256])
   skip = (lambda *a: None) if args.run_pathological else known_pathological
+  families = tuple(f for name in dict.fromkeys(args.families)
+                   for f in FAMILIES[name])
+  show_layer = families != FAMILIES['condconv']
   print(f'# {model_bench.machine()}, {jax.device_count()} x '
         f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
         f'E={NUM_EXPERTS}, {args.dtype}, {cpu_setup.allocator()}')
   print('# cells: layer time / fastest static conv time (same process); '
         '/lax: that static time / lax.conv\'s; MACs: arithmetic floor')
-  header = ['case'.ljust(22), 'B'.rjust(4), 'mode'.ljust(8),
-            'static (fastest)'.ljust(20), '/lax'.rjust(7), 'MACs'.rjust(5)]
+  if show_layer:
+    print('# layers: ' + ', '.join(f.label for f in families) +
+          ' (name-K); each ratio to the static conv timed in its row group')
+  header = ['case'.ljust(22), 'B'.rjust(4), 'mode'.ljust(8)]
+  if show_layer:
+    header.append('layer'.ljust(10))
+  header += ['static (fastest)'.ljust(20), '/lax'.rjust(7), 'MACs'.rjust(5)]
   header += [s.rjust(9) for s in args.strategies]
   if 'auto' in args.strategies:
     header.append('auto ->'.rjust(8))
   print(' '.join(header))
-  worst_auto = 0.0
+  worst_auto = {f.label: 0.0 for f in families}
   for name in args.cases:
+    case = CASES[name]
+    if args.size and case.size > 1:
+      case = dataclasses.replace(case, size=args.size)
     for batch in batches:
-      for row in measure(CASES[name], batch, args.strategies, skip,
-                         jnp.dtype(args.dtype), budget_s=args.budget_s,
-                         repeats=args.repeats, target_s=args.target_s):
+      for row in measure(case, batch, args.strategies, skip,
+                         jnp.dtype(args.dtype), families,
+                         budget_s=args.budget_s, repeats=args.repeats,
+                         target_s=args.target_s):
         if isinstance(row.get('auto'), float):
-          worst_auto = max(worst_auto, row['auto'])
+          worst_auto[row['layer']] = max(worst_auto[row['layer']],
+                                         row['auto'])
   if 'auto' in args.strategies:
-    print(f'# worst auto / static: {worst_auto:.2f} '
-          f'(bar 1.5, target 1.25)')
+    for label, worst in worst_auto.items():
+      if label == FAMILIES['condconv'][0].label:
+        print(f'# worst auto / static: {worst:.2f} (bar 1.5, target 1.25)')
+      else:
+        print(f'# worst auto / static, {label}: {worst:.2f}')
 
 
 if __name__ == '__main__':

@@ -2,6 +2,8 @@
 
     python -m benchmarks.model_bench           # the whole-model CPU table
     python -m benchmarks.model_bench --models resnet50 --batch 8
+    python -m benchmarks.model_bench --models od_resnet18 dy_resnet18 \
+        --batch 8 --size 112 --steps 3 --processes 1  # DyConv / ODConv
     python -m benchmarks.model_bench --dtype bfloat16 float32 --batch 128 \
         --steps 10 --processes 1 --cache-dir /tmp/jax_cache  # on a GPU
 
@@ -33,6 +35,17 @@ Peers: the parameter counts are printed beside them, and each peer has
 exactly the JAX model's. PyTorch has a CondConv twin only for EfficientNet
 (timm's efficientnet_cc_b0_{4,8}e); the SSD detector has no exact PyTorch
 peer (torchvision's SSD300 is VGG-based, SSDlite MobileNetV3).
+
+CondConv's successors (`--models dy_resnet18 od_resnet18 od_resnet18_4x
+dy_resnet50 od_resnet50 dy_mobilenetv2_100 od_mobilenetv2_100`; not in the
+default run) take the CondConv columns: their dynamic model (DyConv K=4,
+ODConv K=1 "1x" or K=4 "4x", placed as `condconv_jax.models` places them)
+against its static twin (num_experts=0), with the same training and
+inference steps (temperature 1). Their PyTorch peer is the static one only
+(torchvision resnet18 / resnet50 / mobilenet_v2, the twin's parameter
+count): there is no PyTorch DyConv or ODConv peer here, so their PyTorch
+dynamic and peer ratio columns are empty. --size replaces every model's
+image size (224; SSD 300), for quick runs.
 """
 
 from __future__ import annotations
@@ -74,6 +87,15 @@ class Entry:
   size: int = 224
   peer: str | None = None       # 'timm:NAME' or 'torchvision:NAME'
   peer_cc: str | None = None
+  family: str = 'condconv'      # or 'dyconv' / 'odconv': the dynamic twin's
+
+  @property
+  def dynamic_label(self) -> str:
+    """What the dynamic column's cell names beside its time."""
+    if self.family == 'condconv':
+      return str(self.experts)
+    name = 'DyConv' if self.family == 'dyconv' else 'ODConv'
+    return f'{name} K={self.experts}'
 
 
 ENTRIES = {
@@ -93,6 +115,28 @@ ENTRIES = {
     'ssd_mobilenet_v1': Entry('SSD300 MobileNetV1', 'ssd_mobilenet_v1', 8,
                               size=300),
 }
+# The default run: the CondConv paper's models.
+PAPER_MODELS = tuple(ENTRIES)
+# CondConv's successors; no PyTorch DyConv/ODConv peer, the static one only.
+ENTRIES.update({
+    'dy_resnet18': Entry('DY-ResNet-18', 'dy_resnet18', 4,
+                         peer='torchvision:resnet18', family='dyconv'),
+    'od_resnet18': Entry('OD-ResNet-18 (1x)', 'od_resnet18', 1,
+                         peer='torchvision:resnet18', family='odconv'),
+    'od_resnet18_4x': Entry('OD-ResNet-18 (4x)', 'od_resnet18', 4,
+                            peer='torchvision:resnet18', family='odconv'),
+    'dy_resnet50': Entry('DY-ResNet-50', 'dy_resnet50', 4,
+                         peer='torchvision:resnet50', family='dyconv'),
+    'od_resnet50': Entry('OD-ResNet-50 (1x)', 'od_resnet50', 1,
+                         peer='torchvision:resnet50', family='odconv'),
+    'dy_mobilenetv2_100': Entry('DY-MobileNetV2 1.0', 'dy_mobilenetv2_100', 4,
+                                peer='torchvision:mobilenet_v2',
+                                family='dyconv'),
+    'od_mobilenetv2_100': Entry('OD-MobileNetV2 1.0 (1x)',
+                                'od_mobilenetv2_100', 1,
+                                peer='torchvision:mobilenet_v2',
+                                family='odconv'),
+})
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -295,17 +339,24 @@ def gigabytes(n):
 def markdown(results: dict, cc_strategies) -> str:
   """One row per (model, batch, dtype, mode); `results` keyed by the same."""
   extra = [s for s in cc_strategies if s != 'auto']
-  lines = ['| model | B | dtype | mode | JAX static | JAX CondConv | CC/static '
-           'throughput | ' + ''.join(f'CondConv {s} | ' for s in extra) +
+  # With a DyConv/ODConv model in the table its dynamic twin shares the
+  # CondConv columns, and their headers say so.
+  dynamic = any(ENTRIES[name].family != 'condconv' for name, _, _ in results)
+  jax_cc, cc_static, cc_extra = (
+      ('JAX CondConv / DyConv / ODConv', 'dynamic/static', 'dynamic')
+      if dynamic else ('JAX CondConv', 'CC/static', 'CondConv'))
+  lines = [f'| model | B | dtype | mode | JAX static | {jax_cc} | {cc_static} '
+           'throughput | ' + ''.join(f'{cc_extra} {s} | ' for s in extra) +
            'PyTorch static | PyTorch CondConv | peer CC/static | JAX/PyTorch '
            'static time | train GiB static / CC | params JAX (peer) |',
            '|---|---:|---|---|---:|---:|---:|' + '---:|' * len(extra) +
            '---:|---:|---:|---:|---:|---|']
   for (name, batch, dtype), res in results.items():
     entry, t, p, mem = ENTRIES[name], res['times'], res['params'], res['memory']
-    peer = (f'{p["jax"]:,} ({p["torch"]:,}); CC {p["jax_cc"]:,}'
+    short = {'condconv': 'CC', 'dyconv': 'DY', 'odconv': 'OD'}[entry.family]
+    peer = (f'{p["jax"]:,} ({p["torch"]:,}); {short} {p["jax_cc"]:,}'
             + (f' ({p["torch_cc"]:,})' if 'torch_cc' in p else '')
-            if 'torch' in p else f'{p["jax"]:,}; CC {p["jax_cc"]:,}')
+            if 'torch' in p else f'{p["jax"]:,}; {short} {p["jax_cc"]:,}')
     memory = (f'{gigabytes(mem.get("jax"))} / {gigabytes(mem.get("jax_cc"))}')
     for mode in ('train', 'infer'):
       get = lambda kind: t.get(f'{kind}/{mode}')
@@ -314,7 +365,7 @@ def markdown(results: dict, cc_strategies) -> str:
           for s in extra)
       lines.append(
           f'| {entry.label} | {batch} | {dtype} | {mode} | {ms(get("jax"))} | '
-          f'{ms(get("jax_cc"))} ({entry.experts}) | '
+          f'{ms(get("jax_cc"))} ({entry.dynamic_label}) | '
           f'{ratio(get("jax"), get("jax_cc"))} | {extra_cells}'
           f'{ms(get("torch"))} | {ms(get("torch_cc"))} | '
           f'{ratio(get("torch"), get("torch_cc"))} | '
@@ -326,8 +377,9 @@ def markdown(results: dict, cc_strategies) -> str:
 def child_command(name, batch, dtype, args):
   return [sys.executable, '-m', 'benchmarks.model_bench', '--one', name,
           '--batch', str(batch), '--dtype', dtype, '--steps', str(args.steps),
-          '--cache-dir', args.cache_dir or '', '--cc-strategies',
-          *args.cc_strategies]
+          '--cache-dir', args.cache_dir or '',
+          *(['--size', str(args.size)] if args.size else []),
+          '--cc-strategies', *args.cc_strategies]
 
 
 def run_child(command, config) -> str | None:
@@ -343,8 +395,10 @@ def run_child(command, config) -> str | None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--models', nargs='+', default=list(ENTRIES),
-                      choices=list(ENTRIES))
+  parser.add_argument('--models', nargs='+', default=list(PAPER_MODELS),
+                      choices=list(ENTRIES),
+                      help='default: the CondConv paper models (not the '
+                      'dy_* / od_* ones)')
   parser.add_argument('--batch', type=int, nargs='+', default=[16])
   parser.add_argument('--dtype', nargs='+', default=['float32'],
                       choices=DTYPES)
@@ -357,6 +411,9 @@ def main():
                       help='processes per model; cells are the best over all')
   parser.add_argument('--cache-dir', default=None,
                       help='persistent compilation cache to read and fill')
+  parser.add_argument('--size', type=int, default=None,
+                      help="image size for every model (default: each "
+                      "model's own, 224; SSD 300)")
   parser.add_argument('--one', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   try:
@@ -374,7 +431,10 @@ def main():
 
   if args.one:  # a child: one model, JSON on the last line
     use_compilation_cache(args.cache_dir)
-    result = run_model(ENTRIES[args.one], args.batch[0], args.steps,
+    entry = ENTRIES[args.one]
+    if args.size:
+      entry = dataclasses.replace(entry, size=args.size)
+    result = run_model(entry, args.batch[0], args.steps,
                        args.dtype[0], args.cc_strategies)
     print(json.dumps(result))
     return
@@ -384,7 +444,9 @@ def main():
   print(f'# {machine()}; jax {jax.__version__} ({jax.devices()[0].device_kind}'
         f'), torch {torch.__version__} ({torch.get_num_threads()} threads); '
         f'allocator: {cpu_setup.allocator()}; XLA_FLAGS='
-        f'{os.environ.get("XLA_FLAGS", "")!r}', flush=True)
+        f'{os.environ.get("XLA_FLAGS", "")!r}'
+        + (f'; image size {args.size} (--size)' if args.size else ''),
+        flush=True)
   configs = [(name, batch, dtype) for dtype in args.dtype
              for batch in args.batch for name in args.models]
   time_all(configs, args)
@@ -409,6 +471,9 @@ def time_all(configs, args):
       else:
         results[config] = result
   print(markdown(results, args.cc_strategies))
+  if any(ENTRIES[name].family != 'condconv' for name, _, _ in results):
+    print('# DyConv / ODConv rows: no PyTorch DyConv or ODConv peer; their '
+          'PyTorch column is the static torchvision peer only.')
 
 
 if __name__ == '__main__':

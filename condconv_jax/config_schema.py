@@ -33,6 +33,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'condconv', 'dyconv' or 'odconv' (None: the model's; 'dy_*'/'od_*'
   # names set their own).
   c.conv_family = config_dict.placeholder(str)
+  # 'tf' or 'torch' initializers (None: the model's; models/blocks.py).
+  c.init_style = config_dict.placeholder(str)
   c.model_kwargs = ml_collections.ConfigDict()  # e.g. placement overrides
   # Data.
   c.dataset = 'imagenet2012'  # a name in condconv_jax.data.DATASETS

@@ -499,6 +499,9 @@ def _odconv_eval_config(arch: str, num_experts):
   c.normalization = 'imagenet'
   c.image_size = 224
   c.ema_decay = 0.0  # main.py keeps no EMA: the weights are the model's
+  # main.py --evaluate runs the attentions at temperature 1 (annealing
+  # ends there after 10 epochs); evaluation uses temperature_final.
+  c.temperature_final = 1.0
   return c
 
 

@@ -1,4 +1,4 @@
-"""Flax Linen modules for CondConv's successors: Dynamic Convolution and ODConv.
+"""Flax Linen modules for CondConv's successors: DynamicConv and ODConv.
 
 `DynamicConv` (Chen et al., CVPR 2020) mixes K kernels with a softmax
 attention from a small two-layer network; `ODConv` (Li, Zhou, Yao, ICLR

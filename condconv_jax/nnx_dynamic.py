@@ -1,4 +1,4 @@
-"""Flax NNX faces of DynamicConv and ODConv (re-exported by `condconv_jax.nnx`).
+"""Flax NNX faces of DynamicConv and ODConv (re-exported by condconv_jax.nnx).
 
 The Linen modules of `condconv_jax.dynamic_layers` with NNX's construction:
 the same `layer_math` code and the same parameter tree
@@ -26,7 +26,8 @@ zeros_init = nnx.initializers.zeros_init()
 
 
 class _ConvFields(nnx.Module):
-  """The conv arguments and kernel [K, kh, kw, Cin/g, Cout] both layers keep."""
+  """What both layers keep: the conv arguments, kernel [K, kh, kw, Cin/g,
+  Cout]."""
 
   def _init_conv(self, in_features, out_features, kernel_size, strides,
                  padding, input_dilation, kernel_dilation,
@@ -40,7 +41,8 @@ class _ConvFields(nnx.Module):
     self.strides, self.padding = strides, padding
     self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
     self.feature_group_count = feature_group_count
-    self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+    self.dtype, self.param_dtype = dtype, param_dtype
+    self.precision = precision
     self.num_experts, self.strategy = num_experts, strategy
     self.kernel = nnx.Param(layer_math.per_expert(kernel_init, num_experts)(
         rngs.params(), kernel_shape, param_dtype))

@@ -319,6 +319,28 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
 
 
 
+def spatially_scaled_conv(x: jax.Array, kernel: jax.Array,
+                          spatial_attention: jax.Array, geom: ConvGeometry,
+                          precision=None) -> jax.Array:
+  """One kernel whose k*k taps are scaled per example (ODConv with K = 1):
+  y[b] = x[b] * (a_s[b] . W), without per-example kernels.
+
+  The im2col patches of each example are scaled tap by tap, then ONE
+  matmul with the static kernel [kh*kw*Cin, Cout]: the static conv's MACs,
+  and a kernel gradient of the static kernel's size (one matmul), where the
+  per-example forms write and reduce [B, kh, kw, Cin, Cout]. Ungrouped
+  convs only.
+  """
+  batch, taps = x.shape[0], geom.kernel_size[0] * geom.kernel_size[1]
+  out_h, out_w = geom.out_spatial
+  patches = static_ops.im2col_patches(x, geom)  # [B, P, taps * Cin]
+  scaled = (patches.reshape(batch, out_h * out_w, taps, -1) *
+            spatial_attention.reshape(batch, 1, taps, 1).astype(x.dtype))
+  out = jnp.matmul(scaled.reshape(patches.shape),
+                   kernel.reshape(-1, kernel.shape[-1]), precision=precision)
+  return out.reshape(batch, out_h, out_w, -1)
+
+
 def omni_dimensional_conv(x: jax.Array, experts: jax.Array,
                           kernel_attention: jax.Array | None = None,
                           spatial_attention: jax.Array | None = None,
@@ -345,7 +367,8 @@ def omni_dimensional_conv(x: jax.Array, experts: jax.Array,
     filter_attention: [B, Cout].
     strategy, the conv arguments, precision: as `conditional_conv`. With a
       spatial attention the kernel differs per example even for K = 1, so
-      "experts" cannot express it.
+      "experts" cannot express it; "auto" runs an ungrouped k x k conv
+      with K = 1 as `spatially_scaled_conv` (no per-example kernels).
   Returns:
     [B, Ho, Wo, Cout].
   """
@@ -380,6 +403,12 @@ def omni_dimensional_conv(x: jax.Array, experts: jax.Array,
   elif spatial_attention is None:
     y = conditional_conv(x, experts, kernel_attention, strategy=strategy,
                          precision=precision, **conv_args)
+  elif (kernel_attention is None and strategy_lib.resolve(
+      strategy, geom, batch, 1, jax.default_backend(), spatial_only=True)
+        == 'scaled_patches'):
+    with jax.named_scope('omni_dimensional_conv_scaled_patches'):
+      y = spatially_scaled_conv(x, experts[0], spatial_attention, geom,
+                                precision)
   else:
     strategy = strategy_lib.resolve(strategy, geom, batch, num_experts,
                                    jax.default_backend())

@@ -84,11 +84,22 @@ def parse(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def resolve(spec: str, geom: ConvGeometry, batch: int, num_experts: int,
-            backend: str) -> str:
-  """The strategy a spec (see `parse`) runs this conv with."""
+            backend: str, spatial_only: bool = False) -> str:
+  """The strategy a spec (see `parse`) runs this conv with.
+
+  spatial_only: the conv is ODConv's with one kernel and a spatial
+  attention (its taps scaled per example); "auto" then runs an ungrouped
+  k x k one as 'scaled_patches' (`ops.spatially_scaled_conv`): the static
+  conv's MACs and kernel-gradient size, where every per-example form
+  writes per-example kernels and their gradients (docs/speed.md).
+  """
   default, overrides = parse(spec)
   name = overrides.get(conv_kind(geom), default)
-  return choose(geom, batch, num_experts, backend) if name == 'auto' else name
+  if name != 'auto':
+    return name
+  if spatial_only and conv_kind(geom) == 'kxk':
+    return 'scaled_patches'
+  return choose(geom, batch, num_experts, backend)
 
 
 def choose(geom: ConvGeometry, batch: int, num_experts: int,

@@ -146,6 +146,7 @@ def test_cli_round_trip_through_safetensors(tmp_path):
   assert (tmp_path / 'out' / 'config.json').exists()
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_timm_efficientnet_b0_upcycles_to_cc_b0_8_with_its_logits():
   # Pretrained static weights -> the CondConv twin, exact at step 0: timm's
   # efficientnet_b0 (random weights here) converted, then upcycled.

@@ -92,6 +92,7 @@ def test_two_processes_give_the_same_coco_numbers_as_one(tmp_path):
         single[f'eval_{name}'], abs=1e-4), name
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_detections_picture_shows_the_evaluation_images(tmp_path):
   cfg = tiny.detection_config(num_train_steps=2)
   trainer.train_and_evaluate(cfg, tmp_path)

@@ -11,6 +11,8 @@ from flax import nnx, traverse_util
 
 import condconv_jax
 from condconv_jax import layer_math
+from condconv_jax import strategy as strategy_lib
+from condconv_jax.geometry import conv_geometry
 from condconv_jax import nnx as ccnnx
 from tests import reference
 
@@ -164,7 +166,8 @@ def test_every_per_example_strategy_computes_the_same_layer(case):
 
 
 def test_odconv_skips_the_attentions_the_official_code_skips():
-  """filter: none for depthwise; spatial: none for 1x1; kernel: none for K=1."""
+  """No filter attention for depthwise, no spatial one for 1x1, no kernel
+  one for K = 1."""
   heads = lambda *a: set(layer_math.odconv_head_sizes(*a))
   assert heads(8, 16, 3, 1, 4) == {'channel', 'filter', 'spatial', 'kernel'}
   assert heads(8, 8, 3, 8, 4) == {'channel', 'spatial', 'kernel'}
@@ -308,3 +311,17 @@ def test_nnx_faces_have_linens_tree_and_function(case, family):
     for path, value in traverse_util.flatten_dict(
         updates['batch_stats']).items():
       np.testing.assert_allclose(got_stats[path][...], value, rtol=1e-6)
+
+
+def test_auto_runs_a_one_kernel_kxk_odconv_without_per_example_kernels():
+  """K = 1, k x k, ungrouped: the taps scaled per example, one matmul with
+  the static kernel ('scaled_patches'); depthwise and K > 1 keep the
+  per-example rule. The float64 checks above run this path (K = 1)."""
+  geom = lambda groups, cin=8: conv_geometry(
+      (2, 7, 7, cin), (3, 3, cin // groups, 8), feature_group_count=groups)
+  resolve = lambda g, **kw: strategy_lib.resolve('auto', g, 2, 1, 'cpu', **kw)
+  assert resolve(geom(1), spatial_only=True) == 'scaled_patches'
+  assert resolve(geom(1)) == 'loop'
+  assert resolve(geom(8), spatial_only=True) == 'direct'
+  assert strategy_lib.resolve('loop', geom(1), 2, 1, 'cpu',
+                              spatial_only=True) == 'loop'

@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 from condconv_jax.models import DYNAMIC_MODELS, cost, get_model
-from condconv_jax.models.blocks import ConvFactory
+from condconv_jax.models.blocks import ConvFactory, NormFactory
 from condconv_jax.models.paper import (DYNAMIC_PAPER_COSTS,
                                        RESNET_V15_EXTRA_MACS)
 from condconv_jax.training import trainer
@@ -192,3 +192,25 @@ def test_trainer_refuses_a_temperature_without_dynamic_convs():
   cfg = tiny.config(num_experts=2, temperature_initial=30.0)
   with pytest.raises(ValueError, match='has none'):
     trainer.Trainer(cfg, tiny.dataset(cfg))
+
+
+def test_torch_init_style_is_the_official_pytorch_init():
+  """init_style='torch' (every dy_*/od_* model): kaiming_normal_ on the
+  fan-out for depthwise kernels too (std sqrt(2 / (9 C))), BN scales 1 on
+  residual branches, the classifier N(0, 0.01)."""
+  assert get_model('od_resnet18').init_style == 'torch'
+  assert get_model('dy_mobilenetv2_100').init_style == 'torch'
+  model = get_model('mobilenet_v1_mini', num_experts=1, conv_family='odconv',
+                    init_style='torch', num_classes=10)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  dw = params['sep6_dw']['kernel']  # [1, 3, 3, 1, 128]
+  assert np.std(dw) == pytest.approx(np.sqrt(2 / (9 * 128)), rel=0.1)
+  assert np.std(params['classifier']['fc']['kernel']) == pytest.approx(
+      0.01, rel=0.1)
+  norms = [NormFactory(init_style=style)(train=False, name='bn',
+                                         zero_init=True)
+           for style in ('tf', 'torch')]
+  scales = [n.init(jax.random.key(0), jnp.ones((1, 4)))['params']['scale']
+            for n in norms]
+  np.testing.assert_array_equal(scales[0], 0.0)
+  np.testing.assert_array_equal(scales[1], 1.0)

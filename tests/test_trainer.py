@@ -296,6 +296,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
   assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_corrupt_checkpoint_gives_one_message_on_the_command_line(tmp_path):
   data_dir = write_fashion_mnist(tmp_path / 'fashion', 32, 8)
   workdir = tmp_path / 'run'
@@ -324,6 +325,7 @@ def test_corrupt_checkpoint_gives_one_message_on_the_command_line(tmp_path):
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_routing_analysis_matches_direct_computation(tmp_path):
   cfg = tiny.config(num_train_steps=2, ema_decay=0.0)
   ds = tiny.dataset(cfg, num_test=10)
@@ -364,6 +366,7 @@ def test_train_and_eval_command_lines(tmp_path):
   assert png.exists()
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_a_condconv_run_starts_upcycled_from_a_static_run(tmp_path):
   static_cfg = tiny.config(num_experts=0)
   dataset = tiny.dataset(static_cfg)

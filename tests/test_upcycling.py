@@ -44,7 +44,8 @@ def static_and_twin(name, size, **kwargs):
 # turns float rounding into any sign.
 @pytest.mark.parametrize('name,size,modes', [
     ('mobilenet_v1_mini', 28, (False, True)),
-    ('efficientnet_b0', 32, (False,))])
+    pytest.param('efficientnet_b0', 32, (False,),
+                 marks=pytest.mark.slow)])  # the slowest twin: -m slow
 def test_twin_has_the_static_models_logits_at_step_zero(name, size, modes):
   static, twin, variables, x = static_and_twin(
       name, size, num_classes=7, dropout_rate=0.0, drop_path_rate=0.0)

@@ -10,7 +10,8 @@ arguments (condconv_stages, condconv_layers, condconv_head, ...).
 CondConv's successors have their own names: 'dy_*' (Dynamic Convolution, Chen
 et al. 2020; K = 4 by default) and 'od_*' (ODConv, Li, Zhou, Yao 2022; K = 1
 by default, the paper's "1x"), the width in the name ('od_mobilenetv2_075'
-is width 0.75). num_experts is K; 0 is their static twin. Their models take
+is width 0.75), initialized as their PyTorch code does (init_style='torch').
+num_experts is K; 0 is their static twin. Their models take
 the softmax temperature at call time: model.apply(v, x, temperature=t).
 
 'ssd_mobilenet_v1' is the paper's COCO detector (condconv_jax.detection): it
@@ -101,8 +102,9 @@ def _ssd_mobilenet_v1(*, width, depth, **kwargs):
 def _dy_mobilenet_v2(width, **kwargs):
   """DY-MobileNetV2: every conv but the stem dynamic, the head 1x1 to 1280
   included; the classifier static (Chen et al. 2020, Sec. 4)."""
-  defaults = dict(conv_family='dyconv', condconv_stages=tuple(range(1, 8)),
-                  condconv_head=True, condconv_classifier=False)
+  defaults = dict(init_style='torch', conv_family='dyconv',
+                  condconv_stages=tuple(range(1, 8)), condconv_head=True,
+                  condconv_classifier=False)
   return functools.partial(_fixed_width, _mobilenet_v2, width,
                            {**defaults, **kwargs})
 
@@ -110,17 +112,19 @@ def _dy_mobilenet_v2(width, **kwargs):
 def _od_mobilenet_v2(width, **kwargs):
   """OD-MobileNetV2: every conv but the stem an ODConv, the head 1x1 to 1280
   included; the classifier static (official models/od_mobilenetv2.py)."""
-  defaults = dict(conv_family='odconv', condconv_stages=tuple(range(1, 8)),
-                  condconv_head=True, condconv_classifier=False)
+  defaults = dict(init_style='torch', conv_family='odconv',
+                  condconv_stages=tuple(range(1, 8)), condconv_head=True,
+                  condconv_classifier=False)
   return functools.partial(_fixed_width, _mobilenet_v2, width,
                            {**defaults, **kwargs})
 
 
 def _dy_resnet(layers):
   """DY-ResNet: every conv but the stem dynamic, the downsample 1x1
-  included; the fc static (Chen et al. 2020)."""
-  defaults = dict(conv_family='dyconv', condconv_stages=(1, 2, 3, 4),
-                  condconv_shortcut=True, condconv_classifier=False)
+  included; the fc static (Chen et al. 2020, as its reimplementations)."""
+  defaults = dict(init_style='torch', conv_family='dyconv',
+                  condconv_stages=(1, 2, 3, 4), condconv_shortcut=True,
+                  condconv_classifier=False)
   return functools.partial(_fixed_width, functools.partial(_resnet, layers),
                            1.0, defaults)
 
@@ -129,9 +133,9 @@ def _od_resnet(layers):
   """OD-ResNet: every conv inside the residual blocks an ODConv; the stem,
   the downsample 1x1 and the fc static; dropout 0.1 before the fc (the
   official OD_ResNet's default; models/od_resnet.py)."""
-  defaults = dict(conv_family='odconv', condconv_stages=(1, 2, 3, 4),
-                  condconv_shortcut=False, condconv_classifier=False,
-                  dropout_rate=0.1)
+  defaults = dict(init_style='torch', conv_family='odconv',
+                  condconv_stages=(1, 2, 3, 4), condconv_shortcut=False,
+                  condconv_classifier=False, dropout_rate=0.1)
   return functools.partial(_fixed_width, functools.partial(_resnet, layers),
                            1.0, defaults)
 
@@ -210,5 +214,6 @@ def get_model(name: str, *, num_experts: int | None = None,
   return builder(width=width, depth=depth, num_experts=num_experts, **kwargs)
 
 
-__all__ = ['DYNAMIC_MODELS', 'MODELS', 'get_model', 'MBConvNet', 'MobileNetV1', 'ResNet',
+__all__ = ['DYNAMIC_MODELS', 'MODELS', 'get_model', 'MBConvNet', 'MobileNetV1',
+           'ResNet',
            'SSDMobileNetV1']

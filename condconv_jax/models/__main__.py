@@ -104,9 +104,9 @@ def family_tables():
   """DyConv and ODConv beside their published costs, then each family on
   one backbone beside CondConv (docs/models.md)."""
   paper_table(DYNAMIC_PAPER_COSTS)
+  extra = RESNET_V15_EXTRA_MACS / 1e6
   print(f'\nODConv\'s ResNet-50/101 MADDs count ResNet v1; ours count the '
-        f'v1.5 model its code\nbuilds, {RESNET_V15_EXTRA_MACS / 1e6:.1f}M more '
-        f'at 224x224.\n')
+        f'v1.5 model its code\nbuilds, {extra:.1f}M more at 224x224.\n')
   for backbone, variants in FAMILY_COMPARISON:
     print(f'{backbone}:\n')
     print('| conv family | params | MADDs | MADDs over static |')

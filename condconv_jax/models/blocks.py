@@ -75,6 +75,14 @@ def depthwise_kernel_init(multiplier: int = 1):
   return init
 dense_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_out',
                                                      'uniform')
+# Where the initializers come from: 'tf' (the official TF CondConv, MnasNet
+# and EfficientNet code, above; ResNets zero-init their last BN scale) or
+# 'torch' (the PyTorch code of DyConv and ODConv: kaiming_normal_ on the
+# fan-out for every conv, depthwise included (fan-out = kh * kw * C), BN
+# scales 1, the classifier N(0, 0.01); official od_resnet.py and
+# od_mobilenetv2.py).
+INIT_STYLES = ('tf', 'torch')
+torch_classifier_init = nn.initializers.normal(0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +101,7 @@ class ConvFactory:
   family: str = 'condconv'
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  init_style: str = 'tf'
 
   def _routing_factory(self):
     return functools.partial(Routing, dropout_rate=self.routing_dropout)
@@ -109,11 +118,13 @@ class ConvFactory:
                groups: int = 1, use_bias: bool = False,
                conditional: bool = False, kernel_init=None,
                name: str) -> nn.Module:
-    """kernel_init: None = the official TF initializer for this conv (He
-    normal on the fan-out, the depthwise fan-out for depthwise convs)."""
+    """kernel_init: None = the init style's initializer for this conv (He
+    normal on the fan-out; for depthwise convs TF's depthwise fan-out)."""
     depthwise = groups > 1 and groups == features
     if kernel_init is None:
-      kernel_init = depthwise_kernel_init() if depthwise else conv_kernel_init
+      kernel_init = (depthwise_kernel_init()
+                     if depthwise and self.init_style == 'tf'
+                     else conv_kernel_init)
     common = dict(features=features, kernel_size=(kernel_size, kernel_size),
                   strides=strides,
                   padding=conv_padding(self.padding, kernel_size),
@@ -143,8 +154,12 @@ class NormFactory:
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
+  init_style: str = 'tf'
 
   def __call__(self, train: bool, name: str, zero_init: bool = False):
+    """zero_init: a zero scale (a residual branch's last BN, 'tf' only)."""
+    zero_init = zero_init and self.init_style == 'tf'
+
     return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
                         epsilon=self.epsilon, dtype=self.dtype,
                         scale_init=(nn.initializers.zeros_init() if zero_init
@@ -207,8 +222,10 @@ class Classifier(nn.Module):
                         kernel_init=dense_kernel_init, name='fc')
       logits = apply_conv(conv, x, train=train, temperature=temperature)
     else:
+      init = (torch_classifier_init if self.convs.init_style == 'torch'
+              else dense_kernel_init)
       logits = nn.Dense(self.num_classes, dtype=self.convs.dtype,
-                        kernel_init=dense_kernel_init, name='fc')(x)
+                        kernel_init=init, name='fc')(x)
     return jnp.asarray(logits[:, 0, 0, :], jnp.float32)
 
 
@@ -231,6 +248,7 @@ class ConvNet(nn.Module):
   strategy: str = 'auto'
   routing_dropout: float = 0.0
   conv_family: str = 'condconv'
+  init_style: str = 'tf'
 
   def factories(self) -> tuple[ConvFactory, NormFactory]:
     # Checked here, where every model reads them: a static model never
@@ -238,8 +256,10 @@ class ConvNet(nn.Module):
     activation_fn(self.activation)
     check_choice('padding', self.padding, PADDINGS)
     check_choice('conv_family', self.conv_family, CONV_FAMILIES)
+    check_choice('init_style', self.init_style, INIT_STYLES)
     strategy_lib.parse(self.strategy)
     return (ConvFactory(self.num_experts, self.padding, self.dtype,
                         self.strategy, self.routing_dropout, self.conv_family,
-                        self.bn_momentum, self.bn_epsilon),
-            NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype))
+                        self.bn_momentum, self.bn_epsilon, self.init_style),
+            NormFactory(self.bn_momentum, self.bn_epsilon, self.dtype,
+                        self.init_style))

@@ -44,7 +44,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Model fields a config may set; None in the config keeps the model default.
 MODEL_FIELDS = ('dropout_rate', 'drop_path_rate', 'bn_momentum', 'bn_epsilon',
                 'activation', 'padding', 'strategy', 'routing_dropout',
-                'conv_family')
+                'conv_family', 'init_style')
 
 
 @flax.struct.dataclass
