@@ -16,6 +16,12 @@ NVIDIA H200 (figures and commands: docs/speed.md, "The rules"):
   serialize a parallel device; "vmap" (exactly one conv) at batch 1, which
   is not measured there.
 
+ODConv with one kernel (a spatial attention, no kernel mixing) on an
+ungrouped k x k conv: 'scaled_patches' (`resolve(..., spatial_only=True)`),
+the im2col patches scaled per tap and one matmul with the static kernel,
+no per-example kernels; well ahead of "direct" and "loop" in training
+(docs/speed.md, "DyConv and ODConv").
+
 "experts" in general does E convolutions' worth of work; it is there for
 runtimes that accept only constant weights. A spec such as 'depthwise=vmap'
 overrides the rule per conv kind (`parse`).

@@ -146,8 +146,10 @@ def test_models_take_a_traced_temperature():
   """The temperature reaches every dynamic conv at call time: one
   compilation for any value, and attentions that differ with it."""
   x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
-  for family in ('dyconv', 'odconv'):
-    model = get_model('mobilenet_v1_mini', num_experts=4, width=0.5,
+  # ODConv: its four attentions all take the temperature (DyConv's one is
+  # the trainer test's below).
+  for family in ('odconv',):
+    model = get_model('mobilenet_v1_mini', num_experts=4, width=0.25,
                       conv_family=family, num_classes=5)
     variables = model.init(jax.random.key(0), x)
     # Attention weights at unit scale, so that no attention is uniform.
@@ -202,7 +204,8 @@ def test_torch_init_style_is_the_official_pytorch_init():
   assert get_model('dy_mobilenetv2_100').init_style == 'torch'
   model = get_model('mobilenet_v1_mini', num_experts=1, conv_family='odconv',
                     init_style='torch', num_classes=10)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  params = jax.jit(model.init)(jax.random.key(0),
+                               jnp.zeros((1, 28, 28, 1)))['params']
   dw = params['sep6_dw']['kernel']  # [1, 3, 3, 1, 128]
   assert np.std(dw) == pytest.approx(np.sqrt(2 / (9 * 128)), rel=0.1)
   assert np.std(params['classifier']['fc']['kernel']) == pytest.approx(
