@@ -29,10 +29,6 @@ from condconv_jax.geometry import PaddingLike
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nn.linear.default_kernel_init
-# The official ODConv initializer for the attention's 1x1 convs
-# (kaiming_normal_, mode='fan_out', nonlinearity='relu'), biases zero.
-attention_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out',
-                                                         'normal')
 
 
 class DynamicAttention(nn.Module):
@@ -97,7 +93,8 @@ class DynamicConv(nn.Module):
     layer_math.check_rank4(x, 'DynamicConv')
     kernel_shape = layer_math.condconv_kernel_shape(
         self.kernel_size, x.shape[-1], self.features,
-        self.feature_group_count, self.num_experts, self.strategy)
+        self.feature_group_count, self.num_experts, self.strategy,
+        'DynamicConv')
     weights = DynamicAttention(self.num_experts, self.reduction,
                                self.param_dtype, name='attention')(
                                    x, temperature=temperature)
@@ -140,7 +137,8 @@ class ODAttention(nn.Module):
                                                self.min_hidden)
     h = nn.Dense(hidden, use_bias=False, dtype=pooled.dtype,
                  param_dtype=self.param_dtype,
-                 kernel_init=attention_kernel_init, name='fc')(pooled)
+                 kernel_init=layer_math.attention_kernel_init,
+                 name='fc')(pooled)
     h = nn.BatchNorm(use_running_average=not train,
                      momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                      dtype=pooled.dtype, param_dtype=self.param_dtype,
@@ -148,7 +146,7 @@ class ODAttention(nn.Module):
     h = nn.relu(h)
     logits = {name: nn.Dense(size, dtype=pooled.dtype,
                              param_dtype=self.param_dtype,
-                             kernel_init=attention_kernel_init,
+                             kernel_init=layer_math.attention_kernel_init,
                              name=f'{name}_fc')(h)
               for name, size in self.head_sizes.items()}
     attentions = layer_math.odconv_attentions(logits, self.kernel_size,
@@ -203,7 +201,7 @@ class ODConv(nn.Module):
     layer_math.check_rank4(x, 'ODConv')
     kernel_shape = layer_math.condconv_kernel_shape(
         self.kernel_size, x.shape[-1], self.features,
-        self.feature_group_count, self.num_experts, self.strategy)
+        self.feature_group_count, self.num_experts, self.strategy, 'ODConv')
     attentions = ODAttention(
         layer_math.odconv_head_sizes(x.shape[-1], self.features,
                                      kernel_shape[1:3],

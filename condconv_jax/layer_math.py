@@ -94,16 +94,17 @@ def routing_activation(logits: jax.Array, activation: str,
 
 
 def condconv_kernel_shape(kernel_size, in_features: int, features: int,
-                          groups: int, num_experts: int, strategy: str
-                          ) -> tuple[int, ...]:
-  """[E, kh, kw, Cin/g, Cout], after checking the arguments."""
+                          groups: int, num_experts: int, strategy: str,
+                          who: str = 'CondConv') -> tuple[int, ...]:
+  """[E, kh, kw, Cin/g, Cout], after checking the arguments (errors name
+  the layer `who`)."""
   check_num_experts(num_experts)
   strategy_lib.parse(strategy)  # ValueError for a bad spec
   if in_features % groups:
-    raise ValueError(f'CondConv: input channels ({in_features}) must be '
+    raise ValueError(f'{who}: input channels ({in_features}) must be '
                      f'divisible by feature_group_count ({groups}).')
   if features % groups:
-    raise ValueError(f'CondConv: features ({features}) must be divisible by '
+    raise ValueError(f'{who}: features ({features}) must be divisible by '
                      f'feature_group_count ({groups}).')
   return (num_experts, *kernel_size_pair(kernel_size), in_features // groups,
           features)
@@ -164,8 +165,13 @@ def check_input_features(x, in_features: int, who: str):
 
 
 def check_temperature(temperature):
-  """Raises for a temperature <= 0 (a traced one, from a schedule, passes)."""
-  if isinstance(temperature, (int, float)) and temperature <= 0:
+  """Raises for a concrete temperature <= 0 (Python, NumPy or JAX scalar);
+  a traced one, from a schedule inside jit, is not known until run time."""
+  try:
+    value = float(temperature)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not value > 0:
     raise ValueError(f'temperature must be > 0, got {temperature!r}.')
 
 
@@ -193,9 +199,12 @@ def dynamic_attention(logits: jax.Array, temperature) -> jax.Array:
 # (both faces): attention/{fc/kernel [C, hidden], bn/{scale, bias},
 # channel_fc, filter_fc, spatial_fc, kernel_fc: {kernel, bias}}, the
 # official module's names; batch statistics attention/bn/{mean, var}.
+# The official initializer of the attention's 1x1 convs (kaiming_normal_,
+# mode='fan_out', nonlinearity='relu'); their biases start at zero.
+attention_kernel_init = jax.nn.initializers.variance_scaling(2.0, 'fan_out',
+                                                             'normal')
 ODCONV_REDUCTION = 0.0625
 ODCONV_MIN_HIDDEN = 16
-ODCONV_HEADS = ('channel', 'filter', 'spatial', 'kernel')
 
 
 def odconv_hidden_features(in_features: int, reduction: float,

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from condconv_jax import layer_math
-from condconv_jax.dynamic_layers import attention_kernel_init
 from condconv_jax.geometry import PaddingLike
 
 Dtype = Any
@@ -35,7 +34,7 @@ class _ConvFields(nnx.Module):
                  kernel_init, num_experts, strategy, rngs):
     kernel_shape = layer_math.condconv_kernel_shape(
         kernel_size, in_features, out_features, feature_group_count,
-        num_experts, strategy)
+        num_experts, strategy, type(self).__name__)
     self.in_features, self.out_features = in_features, out_features
     self.kernel_size = kernel_shape[1:3]
     self.strides, self.padding = strides, padding
@@ -82,7 +81,9 @@ class DynamicConv(_ConvFields):
   """Dynamic Convolution (Chen et al., CVPR 2020): `flax.nnx.Conv`'s
   arguments plus num_experts (K), reduction and strategy; the Linen
   `condconv_jax.DynamicConv`'s parameter tree. An int kernel_size is
-  square. Call: `__call__(x, *, temperature=1.0)`."""
+  square. Call: `__call__(x, *, temperature=1.0, train=None)`; `train` is
+  unused (no BatchNorm or dropout), accepted so every dynamic layer is
+  called alike."""
 
   def __init__(self, in_features: int, out_features: int,
                kernel_size: int | Sequence[int],
@@ -108,7 +109,9 @@ class DynamicConv(_ConvFields):
                                       reduction=reduction,
                                       param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, temperature=1.0) -> jax.Array:
+  def __call__(self, x: jax.Array, *, temperature=1.0,
+               train: bool | None = None) -> jax.Array:
+    del train
     layer_math.check_input_features(x, self.in_features, 'DynamicConv')
     weights = self.attention(x, temperature=temperature)
     return layer_math.condconv(
@@ -130,14 +133,15 @@ class ODAttention(nnx.Module):
                                                min_hidden)
     self.kernel_size = kernel_size
     self.fc = nnx.Linear(in_features, hidden, use_bias=False,
-                         kernel_init=attention_kernel_init,
+                         kernel_init=layer_math.attention_kernel_init,
                          param_dtype=param_dtype, rngs=rngs)
     self.bn = nnx.BatchNorm(hidden, momentum=bn_momentum, epsilon=bn_epsilon,
                             param_dtype=param_dtype, rngs=rngs)
     self.head_names = tuple(head_sizes)
     for name, size in head_sizes.items():
       setattr(self, f'{name}_fc',
-              nnx.Linear(hidden, size, kernel_init=attention_kernel_init,
+              nnx.Linear(hidden, size,
+                         kernel_init=layer_math.attention_kernel_init,
                          param_dtype=param_dtype, rngs=rngs))
 
   def __call__(self, x: jax.Array, *, temperature=1.0,

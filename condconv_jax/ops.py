@@ -175,8 +175,6 @@ def per_example_vmap_conv(x: jax.Array, kernels: jax.Array,
   return jax.vmap(one)(x, kernels)
 
 
-
-
 def _experts_strategy(x, experts, routing_weights, geom, precision):
   if geom.is_pointwise and geom.feature_group_count == 1:
     return _pointwise_experts(x, experts, routing_weights, geom, precision)
@@ -316,7 +314,6 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
   if bias is not None:
     out = out + mix_experts(routing_weights, bias, precision)[:, None, None, :]
   return out
-
 
 
 def spatially_scaled_conv(x: jax.Array, kernel: jax.Array,

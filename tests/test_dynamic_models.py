@@ -4,12 +4,14 @@ call time, and the trainer's temperature schedule end to end."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
+from condconv_jax import DynamicConv, ODConv
 from condconv_jax.models import DYNAMIC_MODELS, cost, get_model
 from condconv_jax.models.blocks import ConvFactory, NormFactory
 from condconv_jax.models.paper import (DYNAMIC_PAPER_COSTS,
@@ -110,6 +112,11 @@ def test_bad_model_arguments_are_named():
     get_model('od_resnet34')
   with pytest.raises(ValueError, match='shared_routing=False'):
     ConvFactory(num_experts=4, family='dyconv').routing('routing')
+  detector = get_model('ssd_mobilenet_v1', num_experts=4,
+                       conv_family='odconv')
+  with pytest.raises(ValueError, match='SSD detector takes CondConv only'):
+    jax.eval_shape(detector.init, jax.random.key(0),
+                   jnp.zeros((1, 64, 64, 3)))
 
 
 PUBLISHED_PARAMS = [row for row in DYNAMIC_PAPER_COSTS if row[-1] == 'V']
@@ -130,7 +137,7 @@ def test_parameter_counts_are_odconvs_table(row):
                                    'OD-MobileNetV2 0.5 (1x)'])
 def test_madds_are_near_odconvs_table(label):
   """MADDs within 5.5% of ODConv's (its counter is not published; ours
-  counts the attentions' multiplies, docs/models.md). ResNet-50/101's
+  counts the attentions' multiplies, docs/dynamic.md). ResNet-50/101's
   published MADDs are v1's: exactly our v1.5 count less the stride move."""
   (_, name, kwargs, _, macs, _), = [r for r in DYNAMIC_PAPER_COSTS
                                     if r[0] == label]
@@ -186,8 +193,34 @@ def test_trainer_anneals_the_temperature_per_step(tmp_path):
   temperatures = {r['step']: r['temperature'] for r in logged
                   if 'temperature' in r}
   # Logged at steps 2, 4, 6 with the temperature of the step just taken
-  # (steps 1, 3, 5): 9 - 8 * s / 4, then 1.
-  assert temperatures == {2: 7.0, 4: 3.0, 6: 1.0}
+  # (steps 1, 3, 5): 9 - 8 * (s + 1) / 4, then 1.
+  assert temperatures == {2: 5.0, 4: 1.0, 6: 1.0}
+  assert trainer.Trainer(cfg, dataset).eval_temperature == 1.0
+
+
+@pytest.mark.parametrize('name', ['dy_resnet18', 'od_resnet50',
+                                  'dy_mobilenetv2_050', 'od_mobilenetv2_050'])
+def test_the_temperature_reaches_every_dynamic_conv(name):
+  """Every DynamicConv/ODConv of the model is called with the model's
+  temperature (blocks, shortcuts, the head), traced abstractly."""
+  model = get_model(name, num_experts=4, num_classes=10)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if (context.method_name == '__call__' and
+        isinstance(context.module, (DynamicConv, ODConv))):
+      seen.append(('/'.join(context.module.path), kwargs.get('temperature')))
+    return next_fun(*args, **kwargs)
+
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: model.apply(v, x, temperature=7.5), variables)
+  dynamic = {path for path, kind in conv_kinds(
+      traverse_util.flatten_dict(variables['params'])).items()
+             if kind != 'static'}
+  assert {path for path, _ in seen} == dynamic and dynamic
+  assert {t for _, t in seen} == {7.5}
 
 
 def test_trainer_refuses_a_temperature_without_dynamic_convs():

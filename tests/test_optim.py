@@ -273,8 +273,8 @@ def odconv_get_temperature(iteration, epoch, iter_per_epoch, temp_epoch=10,
 
 
 def test_temperature_schedule_is_odconvs_get_temperature():
-  """Step s trains at get_temperature(s): main.py sets 30 before the first
-  batch and get_temperature(i + 1) after batch i."""
+  """Step s trains at get_temperature(i + 1) for its batch i of its epoch:
+  main.py sets it before each batch's forward."""
   steps_per_epoch = IMAGENET_TRAIN / 256
   schedule = optim.temperature_schedule(
       recipe(temperature_initial=30.0, temperature_final=1.0,
@@ -282,11 +282,12 @@ def test_temperature_schedule_is_odconvs_get_temperature():
   iters = math.ceil(steps_per_epoch)
   for step in (0, 1, 2500, 25_000, 10 * iters - 1, 10 * iters, 60_000):
     epoch, iteration = divmod(step, iters)
-    want = odconv_get_temperature(iteration, epoch, iters)
+    want = odconv_get_temperature(iteration + 1, epoch, iters)
     # The official count uses whole batches per epoch; ours the float
     # examples / batch, as every schedule here: they differ by < 1e-3.
     assert float(schedule(step)) == pytest.approx(want, abs=2e-3), step
-  assert float(schedule(0)) == 30.0
+  assert float(schedule(0)) == pytest.approx(30.0 - 29.0 / (10 * iters),
+                                             rel=1e-6)
   assert float(schedule(10 ** 7)) == 1.0
 
 

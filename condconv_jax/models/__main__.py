@@ -102,7 +102,7 @@ def paper_table(rows):
 
 def family_tables():
   """DyConv and ODConv beside their published costs, then each family on
-  one backbone beside CondConv (docs/models.md)."""
+  one backbone beside CondConv (docs/dynamic.md)."""
   paper_table(DYNAMIC_PAPER_COSTS)
   extra = RESNET_V15_EXTRA_MACS / 1e6
   print(f'\nODConv\'s ResNet-50/101 MADDs count ResNet v1; ours count the '

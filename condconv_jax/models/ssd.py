@@ -192,6 +192,10 @@ class SSDMobileNetV1(ConvNet):
     if x.ndim != 4:
       raise ValueError(f'images must be [batch, height, width, channels], '
                        f'got shape {x.shape}.')
+    if self.conv_family != 'condconv':
+      raise ValueError(f'the SSD detector takes CondConv only; conv_family '
+                       f'{self.conv_family!r} is for the classifiers '
+                       f'(dy_*/od_* models, mobilenet_v1_mini).')
     if not self.source_layers or list(self.source_layers) != sorted(
         set(self.source_layers)):
       raise ValueError(f'source_layers must be increasing separable layer '

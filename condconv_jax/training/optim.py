@@ -86,10 +86,11 @@ def temperature_schedule(config, steps_per_epoch: float):
   """step -> the softmax temperature of DyConv/ODConv attentions, or None
   when it stays 1 (no schedule).
 
-  Linear from temperature_initial at step 0 to temperature_final at
+  Linear from temperature_initial to temperature_final over
   temperature_epochs, then constant: DyConv's 30 -> 1 over the first 10
-  epochs, and the official ODConv main.py's get_temperature (updated every
-  iteration, T = 1 + (30 - 1) * (1 - step / (10 * steps_per_epoch))).
+  epochs, as the official ODConv main.py does it: before batch i it sets
+  T = get_temperature(i + 1) = 1 + (30 - 1) * (1 - (i + 1) / (10 * steps
+  per epoch)), so step s trains at the schedule's value at s + 1.
   """
   start, end = config.temperature_initial, config.temperature_final
   for name, value in (('temperature_initial', start),
@@ -107,7 +108,7 @@ def temperature_schedule(config, steps_per_epoch: float):
     step = jnp.asarray(step, jnp.float32)
     if anneal_steps <= 0:
       return jnp.full_like(step, end)
-    progress = jnp.clip(step / anneal_steps, 0.0, 1.0)
+    progress = jnp.clip((step + 1) / anneal_steps, 0.0, 1.0)
     return start + (end - start) * progress
 
   return schedule

@@ -194,8 +194,10 @@ class Trainer:
           f'none: use a dy_*/od_* model or conv_family dyconv/odconv with '
           f'num_experts > 0, or leave temperature_initial = '
           f'temperature_final = 1.')
-    eval_temperature = (None if self.temperature is None
-                        else config.temperature_final)
+    # Evaluation at the final temperature (the official ODConv evaluates
+    # at T = 1; its validation during the annealing used the current T).
+    self.eval_temperature = (None if self.temperature is None
+                             else config.temperature_final)
     self.cost = cost.count(self.model, self.image_shape())
     abstract = self.abstract_variables()
     self.tx = optim.make_optimizer(
@@ -214,7 +216,7 @@ class Trainer:
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, task=self.task,
                           normalize=self.normalize,
-                          temperature=eval_temperature),
+                          temperature=self.eval_temperature),
         in_shardings=(self.replicated, self.data_sharding),
         out_shardings=self.replicated)
 
@@ -354,15 +356,15 @@ def train_and_evaluate(config, workdir, *, dataset=None,
     raise ValueError('config.init_from upcycles a static run into a '
                      'CondConv model: set config.num_experts > 0 (and '
                      'config.compare_num_experts=() for a single run).')
-  if config.init_from and config.conv_family not in (None, 'condconv'):
-    raise ValueError(f'config.init_from upcycles a static run into CondConv '
-                     f'experts; conv_family {config.conv_family!r} has '
-                     f'attentions with no static counterpart to start from.')
   workdir = paths.as_path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
   check_shared(workdir)
   trainer = Trainer(config, dataset)
+  if config.init_from and has_dynamic_convs(trainer.model):
+    raise ValueError(f'config.init_from upcycles a static run into CondConv '
+                     f'experts; {config.model} has DyConv/ODConv attentions '
+                     f'with no static counterpart to start from.')
   model_cost = trainer.cost
   mngr = checkpoint.manager(workdir, config)
   try:

@@ -1,5 +1,5 @@
 """DY-MobileNetV2 1.0x: Dynamic Convolution with 4 kernels in every conv but
-the stem, 312.9M MADDs, 11.1M params (paper; docs/models.md compares our
+the stem, 312.9M MADDs, 11.1M params (paper; docs/dynamic.md compares our
 counts).
 
 Command:

@@ -1,5 +1,5 @@
 """DY-ResNet-18: Dynamic Convolution with 4 kernels in every conv but the stem,
-1.85G MADDs, 42.7M params (paper; docs/models.md compares our counts).
+1.85G MADDs, 42.7M params (paper; docs/dynamic.md compares our counts).
 
 Command:
   python train.py --config configs/imagenet/dy_resnet18.py --workdir $WORKDIR \
