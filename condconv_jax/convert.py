@@ -50,6 +50,7 @@ from flax import traverse_util
 from condconv_jax import paths
 from condconv_jax.config_schema import get_base_config
 from condconv_jax.models import get_model
+from condconv_jax.models.mbconv import stage_repeats
 from condconv_jax.models.resnet import STAGE_SIZES
 
 # timm's BatchNorm bookkeeping counter has no counterpart and no effect.
@@ -281,7 +282,8 @@ def _odconv_module_names(model) -> dict:
   names = {'conv_stem': ('features.0.0', {}), 'bn1': ('features.0.1', {}),
            'classifier': ('classifier', {'fc': '1'})}
   index = 0
-  for stage_number, stage in enumerate(model.stages, 1):
+  for stage_number, (stage, repeats) in enumerate(
+      zip(model.stages, stage_repeats(model.stages, model.depth)), 1):
     if stage.expand == 1:  # conv = [dw ODConvBNReLU, pw-linear, BN]
       inside = {'conv_dw': 'conv.0.0', 'bn1': 'conv.0.1',
                 'conv_pw': 'conv.1', 'bn2': 'conv.2'}
@@ -289,7 +291,7 @@ def _odconv_module_names(model) -> dict:
       inside = {'conv_pw': 'conv.0.0', 'bn1': 'conv.0.1',
                 'conv_dw': 'conv.1.0', 'bn2': 'conv.1.1',
                 'conv_pwl': 'conv.2', 'bn3': 'conv.3'}
-    for i in range(int(np.ceil(stage.repeats * model.depth))):
+    for i in range(repeats):
       index += 1
       names[f'blocks_{stage_number - 1}_{i}'] = (f'features.{index}', inside)
   names['conv_head'] = (f'features.{index + 1}.0', {})

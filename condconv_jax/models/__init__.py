@@ -99,24 +99,14 @@ def _ssd_mobilenet_v1(*, width, depth, **kwargs):
   return SSDMobileNetV1(width=width, **kwargs)
 
 
-def _dy_mobilenet_v2(width, **kwargs):
-  """DY-MobileNetV2: every conv but the stem dynamic, the head 1x1 to 1280
-  included; the classifier static (Chen et al. 2020, Sec. 4)."""
-  defaults = dict(init_style='torch', conv_family='dyconv',
+def _dynamic_mobilenet_v2(family, width):
+  """DY- and OD-MobileNetV2: every conv but the stem dynamic, the head 1x1
+  to 1280 included; the classifier static (Chen et al. 2020, Sec. 4; the
+  official models/od_mobilenetv2.py)."""
+  defaults = dict(init_style='torch', conv_family=family,
                   condconv_stages=tuple(range(1, 8)), condconv_head=True,
                   condconv_classifier=False)
-  return functools.partial(_fixed_width, _mobilenet_v2, width,
-                           {**defaults, **kwargs})
-
-
-def _od_mobilenet_v2(width, **kwargs):
-  """OD-MobileNetV2: every conv but the stem an ODConv, the head 1x1 to 1280
-  included; the classifier static (official models/od_mobilenetv2.py)."""
-  defaults = dict(init_style='torch', conv_family='odconv',
-                  condconv_stages=tuple(range(1, 8)), condconv_head=True,
-                  condconv_classifier=False)
-  return functools.partial(_fixed_width, _mobilenet_v2, width,
-                           {**defaults, **kwargs})
+  return functools.partial(_fixed_width, _mobilenet_v2, width, defaults)
 
 
 def _dy_resnet(layers):
@@ -165,16 +155,19 @@ MODELS = {
 }
 # The dynamic-convolution family: (builder, module class, default K).
 DYNAMIC_MODELS = {
-    'dy_mobilenetv2_050': (_dy_mobilenet_v2(0.5), MBConvNet, 4),
-    'dy_mobilenetv2_100': (_dy_mobilenet_v2(1.0), MBConvNet, 4),
+    'dy_mobilenetv2_050': (_dynamic_mobilenet_v2('dyconv', 0.5), MBConvNet, 4),
+    'dy_mobilenetv2_100': (_dynamic_mobilenet_v2('dyconv', 1.0), MBConvNet, 4),
     'dy_resnet18': (_dy_resnet(18), ResNet, 4),
     'dy_resnet50': (_dy_resnet(50), ResNet, 4),
     'od_resnet18': (_od_resnet(18), ResNet, 1),
     'od_resnet50': (_od_resnet(50), ResNet, 1),
     'od_resnet101': (_od_resnet(101), ResNet, 1),
-    'od_mobilenetv2_050': (_od_mobilenet_v2(0.5), MBConvNet, 1),
-    'od_mobilenetv2_075': (_od_mobilenet_v2(0.75), MBConvNet, 1),
-    'od_mobilenetv2_100': (_od_mobilenet_v2(1.0), MBConvNet, 1),
+    'od_mobilenetv2_050': (_dynamic_mobilenet_v2('odconv', 0.5), MBConvNet,
+                           1),
+    'od_mobilenetv2_075': (_dynamic_mobilenet_v2('odconv', 0.75), MBConvNet,
+                           1),
+    'od_mobilenetv2_100': (_dynamic_mobilenet_v2('odconv', 1.0), MBConvNet,
+                           1),
 }
 
 

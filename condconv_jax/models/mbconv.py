@@ -38,6 +38,11 @@ def round_channels(channels: float, divisor: int = 8) -> int:
   return rounded
 
 
+def stage_repeats(stages, depth: float) -> list[int]:
+  """Blocks per stage at a depth multiplier (TF/timm: ceil(repeats * d))."""
+  return [int(math.ceil(stage.repeats * depth)) for stage in stages]
+
+
 class MBConvBlock(nn.Module):
   in_features: int
   out_features: int
@@ -113,7 +118,7 @@ class MBConvNet(ConvNet):
     features = round_channels(self.stem_features * self.width)
     x = convs(features, 3, strides=2, name='conv_stem')(x)
     x = act(norms(train, 'bn1')(x))
-    repeats = [int(math.ceil(s.repeats * self.depth)) for s in self.stages]
+    repeats = stage_repeats(self.stages, self.depth)
     total, index = sum(repeats), 0
     for stage_number, (stage, n) in enumerate(zip(self.stages, repeats), 1):
       out = round_channels(stage.features * self.width)
