@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from condconv_jax import static_ops
+from condconv_jax import static_ops, target
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import ConvGeometry, PaddingLike, conv_geometry
 
@@ -308,7 +308,7 @@ def conditional_conv(x: jax.Array, experts: jax.Array,
     _check_shape('bias', bias, (num_experts, geom.out_features),
                  '[num_experts, out_features]')
   strategy = strategy_lib.resolve(strategy, geom, batch, num_experts,
-                                 jax.default_backend())
+                                 target.backend())
   with jax.named_scope(f'conditional_conv_{strategy}'):
     out = _STRATEGY_FNS[strategy](x, experts, routing_weights, geom, precision)
   if bias is not None:
@@ -401,14 +401,14 @@ def omni_dimensional_conv(x: jax.Array, experts: jax.Array,
     y = conditional_conv(x, experts, kernel_attention, strategy=strategy,
                          precision=precision, **conv_args)
   elif (kernel_attention is None and strategy_lib.resolve(
-      strategy, geom, batch, 1, jax.default_backend(), spatial_only=True)
+      strategy, geom, batch, 1, target.backend(), spatial_only=True)
         == 'scaled_patches'):
     with jax.named_scope('omni_dimensional_conv_scaled_patches'):
       y = spatially_scaled_conv(x, experts[0], spatial_attention, geom,
                                 precision)
   else:
     strategy = strategy_lib.resolve(strategy, geom, batch, num_experts,
-                                   jax.default_backend())
+                                   target.backend())
     if strategy not in PER_EXAMPLE_CONVS:
       raise ValueError(f'strategy {strategy!r} cannot apply a spatial '
                        f'attention (it makes one kernel per example): use '

@@ -22,17 +22,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from condconv_jax import static_ops
+from condconv_jax import static_ops, target
 from condconv_jax.geometry import ConvGeometry, conv_geometry
 
 
 def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
              ) -> jax.Array:
-  """`nn.max_pool(inputs, window_shape, strides, padding)`, faster on CPU."""
+  """`nn.max_pool(inputs, window_shape, strides, padding)`, faster on CPU,
+  and in the form each export runtime's converter takes."""
   fallback = lambda: nn.max_pool(inputs, window_shape, strides=strides,
                                  padding=padding)
-  if (jax.default_backend() != 'cpu' or inputs.ndim != 4 or
-      len(window_shape) != 2 or isinstance(padding, str) or
+  if (inputs.ndim != 4 or len(window_shape) != 2 or
+      isinstance(padding, str) or
       not jnp.issubdtype(inputs.dtype, jnp.floating)):
     return fallback()
   window = tuple(window_shape)
@@ -42,7 +43,16 @@ def max_pool(inputs: jax.Array, window_shape, strides=None, padding='VALID'
       any(len(pair) != 2 or min(pair) < 0 for pair in padding) or
       min(_windows(inputs.shape, window, strides, padding).out_spatial) <= 0):
     return fallback()  # flax's result or flax's error
-  return _shifted_max_pool(inputs, window, strides, padding)
+  backend = target.backend()
+  # jax2onnx maps reduce_window to a MaxPool that ONNX Runtime rejects
+  # ("Unsupported pooling size"); the shifted maxima export as Slice + Max.
+  if backend in ('cpu', 'onnx'):
+    return _shifted_max_pool(inputs, window, strides, padding)
+  if backend in target.EXPORT_RUNTIMES:
+    # The primitive itself, which the LiteRT converter makes MAX_POOL_2D.
+    return lax.reduce_window(inputs, -jnp.inf, lax.max, (1, *window, 1),
+                             (1, *strides, 1), ((0, 0), *padding, (0, 0)))
+  return fallback()
 
 
 def _windows(shape, window, strides, padding) -> ConvGeometry:

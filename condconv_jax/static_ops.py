@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from condconv_jax import cpu_setup
+from condconv_jax import cpu_setup, target
 from condconv_jax.geometry import ConvGeometry, PaddingLike, conv_geometry
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -50,7 +50,9 @@ def static_form(geom: ConvGeometry, backend: str, batch: int) -> str:
   if geom.is_depthwise:
     return 'shifted'
   out_h, out_w = geom.out_spatial
-  if (geom.feature_group_count == 1 and
+  # A symbolic batch (an export) gets XLA's conv: the two differ only in
+  # the kernel gradient.
+  if (geom.feature_group_count == 1 and isinstance(batch, int) and
       batch * out_h * out_w >= IM2COL_GRAD_MIN_OUTPUTS):
     return 'im2col_grad'
   return 'xla'
@@ -150,7 +152,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                        padding=padding, input_dilation=lhs_dilation or 1,
                        kernel_dilation=rhs_dilation or 1,
                        feature_group_count=feature_group_count)
-  form = static_form(geom, jax.default_backend(), lhs.shape[0])
+  form = static_form(geom, target.backend(), lhs.shape[0])
   with jax.named_scope(f'static_conv_{form}'):  # names the ops in profiles
     if form == 'matmul':
       return pointwise_matmul_conv(lhs, rhs, geom, precision)
@@ -325,7 +327,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=1,
                        kernel_dilation=kernel_dilation,
                        feature_group_count=x.shape[-1] if x.ndim == 4 else 1)
   if implementation == 'auto':
-    implementation = depthwise_implementation(jax.default_backend())
+    implementation = depthwise_implementation(target.backend())
   if implementation not in ('xla', 'shifted'):
     raise ValueError(f"implementation must be 'auto', 'xla' or 'shifted', got "
                      f'{implementation!r}.')

@@ -16,6 +16,14 @@ NVIDIA H200 (figures and commands: docs/speed.md, "The rules"):
   serialize a parallel device; "vmap" (exactly one conv) at batch 1, which
   is not measured there.
 
+Exported models (`target.exporting_for`: LiteRT, ONNX Runtime) run in
+runtimes whose fast kernels want constant weights, so a per-example kernel
+leaves them either way; measured on whole models at batch 1 on CPU
+(docs/export.md, "Forms per runtime"): 1x1 "direct" (a batched matmul) in
+both, the classifier included (LiteRT's converter cannot take "experts" at
+batch 1); depthwise "vmap" (one depthwise conv of the mixed kernels;
+"experts" for a symbolic batch); k x k "direct" (an im2col batched matmul).
+
 ODConv with one kernel (a spatial attention, no kernel mixing) on an
 ungrouped k x k conv: 'scaled_patches' (`resolve(..., spatial_only=True)`),
 the im2col patches scaled per tap and one matmul with the static kernel,
@@ -30,6 +38,7 @@ overrides the rule per conv kind (`parse`).
 from __future__ import annotations
 
 from condconv_jax.geometry import ConvGeometry
+from condconv_jax.target import EXPORT_RUNTIMES
 
 STRATEGIES = ('auto', 'vmap', 'experts', 'direct', 'loop')
 # What `conv_kind` calls a conv; a strategy spec can name one per kind.
@@ -113,6 +122,12 @@ def choose(geom: ConvGeometry, batch: int, num_experts: int,
   """The strategy "auto" uses for this conv (see the module doc)."""
   del num_experts  # Measured at E=8; no E-dependent switch was found.
   kind = conv_kind(geom)
+  if backend in EXPORT_RUNTIMES:
+    if kind == 'depthwise':
+      # "vmap" has batch * channels groups, and jax2onnx cannot pad (the
+      # shifted form) with a symbolic batch: then the experts' grouped conv.
+      return 'vmap' if isinstance(batch, int) else 'experts'
+    return 'direct'
   if kind == 'classifier':
     return 'experts'  # E*Cin*Cout MACs either way, see above
   if kind == 'depthwise' or geom.is_pointwise:  # any other 1x1, grouped too

@@ -1,5 +1,6 @@
 """Imports run one way: core -> detection -> models -> data, convert ->
-training -> entry points and benchmarks; and a module's imports of the
+training -> export (its command line reads runs) -> entry points and
+benchmarks; and a module's imports of the
 project sit at its top, where a reader looks for them."""
 
 import ast
@@ -11,7 +12,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 PACKAGE = ROOT / 'condconv_jax'
 # A module may import modules of its own layer or of a lower one.
 LAYERS = {'detection': 1, 'models': 2, 'data': 3, 'convert': 3,
-          'training': 4}
+          'training': 4, 'export': 5}
 CORE = 0  # every other module of the package
 
 
