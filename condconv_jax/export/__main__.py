@@ -81,8 +81,8 @@ def main(argv):
 
   try:
     with export.atomic_path(FLAGS.out) as partial:
-      _export(run.model, variables, input_shape, partial, options, kwargs)
-      artifact = partial if FLAGS.format == 'savedmodel' else _read(partial)
+      artifact = _export(run.model, variables, input_shape, partial,
+                         options, kwargs)
       error = runtimes.relative_error(
           runtimes.run(FLAGS.format, artifact, images), expected)
       if not error <= FLAGS.tolerance:
@@ -130,10 +130,12 @@ def _checked_options() -> dict:
 
 
 def _export(model, variables, input_shape, path, options, kwargs):
+  """Writes the export at `path`; returns what its runtime loads (the
+  bytes, or the SavedModel's folder)."""
   if FLAGS.format == 'savedmodel':
     # to_savedmodel writes atomically itself; here into the scratch folder.
     export.to_savedmodel(model, variables, input_shape, path, **kwargs)
-    return
+    return path
   if FLAGS.format == 'stablehlo':
     blob = bytes(export.to_stablehlo(model, variables, input_shape,
                                      **kwargs).serialize())
@@ -144,11 +146,7 @@ def _export(model, variables, input_shape, path, options, kwargs):
     blob = export.to_onnx(model, variables, input_shape, **kwargs)
   with open(path, 'wb') as f:
     f.write(blob)
-
-
-def _read(path) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
+  return blob
 
 
 def _size(path) -> int:
