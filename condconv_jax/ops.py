@@ -19,6 +19,11 @@ is laid out for the hardware (`strategy.py` holds the rule "auto" follows):
              multiply-adds; the last two with written-out backwards.
 - "loop":    mix one kernel per example, then run one ordinary conv per
              example in a sequential loop; backward in the "direct" form.
+- "fused":   Pallas kernels (`fused.py`) that mix the expert tiles on-chip
+             as they load them, so no mixed per-example kernel (or its
+             gradient) is written to HBM; 1x1, depthwise and ungrouped k x k
+             without dilation. Chosen only explicitly ("auto" never picks
+             it: not measured yet); interpreted on CPU.
 - "auto":    picks one of the above from the conv's shape and the backend.
 
 Shapes: x [B, H, W, Cin] (NHWC); experts [E, kh, kw, Cin/g, Cout];
@@ -33,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from condconv_jax import static_ops, target
+from condconv_jax import fused, static_ops, target
 from condconv_jax import strategy as strategy_lib
 from condconv_jax.geometry import ConvGeometry, PaddingLike, conv_geometry
 
@@ -253,6 +258,7 @@ def _mixed_kernel_strategy(name):
 
 _STRATEGY_FNS = {
     'experts': _experts_strategy,
+    'fused': fused.fused_strategy,
     **{name: _mixed_kernel_strategy(name) for name in PER_EXAMPLE_CONVS},
 }
 

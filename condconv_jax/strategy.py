@@ -33,6 +33,12 @@ no per-example kernels; well ahead of "direct" and "loop" in training
 "experts" in general does E convolutions' worth of work; it is there for
 runtimes that accept only constant weights. A spec such as 'depthwise=vmap'
 overrides the rule per conv kind (`parse`).
+
+"fused" (`condconv_jax.fused`: Pallas kernels that mix the experts on-chip,
+no per-example kernels in HBM) is never picked by "auto": it has not been
+measured on any accelerator, and on CPU it runs in Pallas' interpreter.
+"auto" will pick it only where a measurement shows it ahead. Choose it
+explicitly: strategy='fused', or per conv kind, e.g. 'depthwise=fused'.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from __future__ import annotations
 from condconv_jax.geometry import ConvGeometry
 from condconv_jax.target import EXPORT_RUNTIMES
 
-STRATEGIES = ('auto', 'vmap', 'experts', 'direct', 'loop')
+STRATEGIES = ('auto', 'vmap', 'experts', 'direct', 'loop', 'fused')
 # What `conv_kind` calls a conv; a strategy spec can name one per kind.
 CONV_KINDS = ('classifier', 'pointwise', 'depthwise', 'grouped', 'kxk')
 
