@@ -20,8 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from condconv_jax import cpu_setup, paths
-from condconv_jax.training import (checkpoint, detection_figure, distributed,
-                                   trainer)
+from condconv_jax.training import (checkpoint, comparison, detection_figure,
+                                   detection_report, distributed, trainer)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -30,45 +30,47 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, logs and the config.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def write_detections_png(config, run_dir):
-  """run_dir/detections.png: the first evaluation images with ground truth
-  and detections (what eval.py --detections_png draws)."""
+def detector_report(config, run_dir):
+  """A trained detector's test report at a score threshold chosen on
+  validation (metrics, with validation AP), and its pictures."""
   run, variables = trainer.restore_for_eval(config, run_dir)
-  path = run_dir / 'detections.png'
-  detection_figure.write(run, variables, path,
-                         title=detection_figure.run_title(config))
-  if jax.process_index() == 0:
-    print(f'detections: {path}')
+  metrics, evaluator = detection_report.evaluate(run, variables)
+  metrics.update(detection_report.write_pictures(
+      run, variables, evaluator, metrics, run_dir,
+      detection_figure.run_title(config)))
+  return metrics
 
 
 def compare(config, workdir):
-  """Trains one run per config.compare_num_experts; prints them together."""
+  """Trains one run per config.compare_num_experts (and per
+  config.compare_seeds: workdir/seed_S/experts_E); prints them together."""
+  seeds = tuple(config.compare_seeds)
   rows = []
-  for num_experts in config.compare_num_experts:
-    run = config.copy_and_resolve_references()
-    with run.unlocked():
-      run.num_experts = num_experts
-      run.compare_num_experts = ()
-    _, summary = trainer.train_and_evaluate(run,
-                                            workdir / f'experts_{num_experts}')
-    if summary['preempted']:
-      return  # rerun the same command: finished runs are not repeated
-    if 'eval_AP' in summary:  # a detector: a picture of it at work
-      write_detections_png(run, workdir / f'experts_{num_experts}')
-    rows.append((num_experts, summary))
+  for seed in seeds or (config.seed,):
+    for num_experts in config.compare_num_experts:
+      run = config.copy_and_resolve_references()
+      with run.unlocked():
+        run.num_experts = num_experts
+        run.seed = seed
+        run.compare_num_experts = ()
+        run.compare_seeds = ()
+      run_dir = workdir / f'experts_{num_experts}'
+      if seeds:
+        run_dir = workdir / f'seed_{seed}' / f'experts_{num_experts}'
+      _, summary = trainer.train_and_evaluate(run, run_dir)
+      if summary['preempted']:
+        return  # rerun the same command: finished runs are not repeated
+      if 'eval_AP' in summary:  # a detector: threshold, P/R, pictures
+        report = detector_report(run, run_dir)
+        summary.update({f'eval_{k}' if not k.startswith('validation_') else
+                        k: v for k, v in report.items()})
+        paths.write_json(run_dir / 'summary.json', summary)
+      rows.append((seed, num_experts, summary))
   if jax.process_index() == 0:
-    metrics = (('AP', 'AP50') if 'eval_AP' in rows[0][1] else ('accuracy',))
-    split = config.eval_split or 'evaluation split'
-    print(f'\n{config.model} on {config.dataset} ({split}), seed '
-          f'{config.seed}')
-    print(f'| experts | params | MADDs | {" | ".join(metrics)} | examples |')
-    print('|---:|---:|---:|' + '---:|' * len(metrics) + '---:|')
-    for num_experts, s in rows:
-      values = ' | '.join(f'{100 * s[f"eval_{m}"]:.2f}%' for m in metrics)
-      print(f'| {num_experts} | {s["params"]:,} | {s["macs"] / 1e6:.2f}M | '
-            f'{values} | {int(s["eval_count"])} |')
+    print(comparison.table(config, rows))
     paths.write_json(workdir / 'compare.json',
-                     {str(e): s for e, s in rows})
+                     {f'seed_{seed}/experts_{e}' if seeds else str(e): s
+                      for seed, e, s in rows})
 
 
 def main(argv):

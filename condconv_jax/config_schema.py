@@ -43,10 +43,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.normalization = 'imagenet'
   c.augment = 'inception'  # ImageNet: or 'none'; Fashion-MNIST: 'shift_flip'
   c.eval_split = ''  # '' = the dataset's evaluation split
+  # Detection on large images (the tree crowns): source pixels of a
+  # training crop and an evaluation tile, each resized to image_size (0:
+  # the dataset's default); training crops' sizes drawn log-uniformly
+  # within a factor 1 + scale_jitter of it.
+  c.crop_size = 0
+  c.scale_jitter = 0.0
+  # Detection: the score over which a detection counts for box precision
+  # and recall (None: the evaluated split's best-F1 threshold).
+  c.score_threshold = config_dict.placeholder(float)
   # Detection: the SSD loss preset, 'tf_coco' (sigmoid + hard negative
   # mining, ssd_mobilenet_v1_coco.config) or 'tf_tpu_focal' (the TPU config).
   c.detection_loss = 'tf_coco'
   c.loss_kwargs = ml_collections.ConfigDict()  # SSDLoss fields to override
+  # detection.postprocess arguments to override (e.g. iou_threshold, NMS's).
+  c.postprocess_kwargs = ml_collections.ConfigDict()
   # Optimization. learning_rate is per 256 examples (scaled by batch_size).
   c.batch_size = 256  # global, over all devices and hosts
   c.num_epochs = 350.0
@@ -83,6 +94,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   # Train one run per value and print them side by side (the embedded job).
   c.compare_num_experts = ()
+  # ... for each of these seeds (() = config.seed only).
+  c.compare_seeds = ()
   # A static run's workdir (its latest checkpoint, EMA weights where it
   # keeps an EMA) or a folder of converted weights: a fresh run starts from
   # them, upcycled into this CondConv model (condconv_jax.upcycle). A run
@@ -104,7 +117,9 @@ def load_config(directory) -> ml_collections.ConfigDict:
   with config.unlocked():  # free-form dicts: their keys are not in the base
     config.model_kwargs = saved.pop('model_kwargs', {})
     config.loss_kwargs = saved.pop('loss_kwargs', {})
+    config.postprocess_kwargs = saved.pop('postprocess_kwargs', {})
   saved['compare_num_experts'] = tuple(saved.get('compare_num_experts', ()))
+  saved['compare_seeds'] = tuple(saved.get('compare_seeds', ()))
   saved['lr_milestone_epochs'] = tuple(saved.get('lr_milestone_epochs', ()))
   config.update(saved)
   return config

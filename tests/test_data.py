@@ -77,6 +77,15 @@ def test_unknown_string_options_name_the_valid_ones(field, value, valid):
     data.make_dataset(cfg)
 
 
+@pytest.mark.parametrize('field,value', [('crop_size', 192),
+                                         ('scale_jitter', 0.2)])
+def test_crop_settings_on_a_dataset_that_ignores_them_are_an_error(
+    field, value):
+  cfg = tiny.config(dataset='fashion_mnist', **{field: value})
+  with pytest.raises(ValueError, match='tree_crowns; fashion_mnist does not '
+                     'read them'):
+    data.make_dataset(cfg)
+
 
 # The task each registered dataset declares: what the trainer learns on it.
 TASKS = {'fashion_mnist': 'classification', 'imagenet2012': 'classification',

@@ -15,9 +15,10 @@ from condconv_jax.training import detection_figure, trainer
 from configs.coco import common
 from tests import tiny
 from tests.test_coco import mock_coco  # noqa: F401  pylint: disable=unused-import
-from tests.test_trainer import _free_port, _finish, _start_processes
+from tests.test_trainer import _finish, _free_port, _run, _start_processes
 
 
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
 def test_train_step_and_coco_evaluation_on_mock_coco(tmp_path, mock_coco):  # pylint: disable=redefined-outer-name
   # Static: compiling the CondConv detector costs half a minute here;
   # tests/test_ssd.py trains its step.
@@ -109,3 +110,42 @@ def test_detections_picture_shows_the_evaluation_images(tmp_path):
   path = tmp_path / 'detections.png'
   detection_figure.plot(examples, path)
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.slow  # end-to-end: `pytest -m slow`
+def test_tree_crown_job_over_seeds_and_eval_of_the_comparison(tmp_path):
+  """train.py over two seeds (static model, a few steps): per-run test
+  report at a threshold chosen on validation, pictures, the table with its
+  mean ± sd row; eval.py on the comparison folder: every run, one PR curve
+  each, the same threshold and test numbers as train.py reported."""
+  workdir = tmp_path / 'trees'
+  png, pr = tmp_path / 'trees.png', tmp_path / 'pr.png'
+  result = _run(['train.py', '--config', 'configs/tree_crowns.py',
+                 '--workdir', str(workdir), '--config.num_train_steps=3',
+                 '--config.batch_size=4', '--config.image_size=96',
+                 '--config.width=0.25',
+                 '--config.crop_size=192', '--config.compare_num_experts=(0,)',
+                 '--config.compare_seeds=(0, 1)'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '| mean ± sd | 0 |' in result.stdout
+  compare = json.loads((workdir / 'compare.json').read_text())
+  assert sorted(compare) == ['seed_0/experts_0', 'seed_1/experts_0']
+  for key, summary in compare.items():
+    run_dir = workdir / key
+    assert (run_dir / 'detections.png').exists()
+    assert (run_dir / 'pr.png').exists()
+    assert 0 < summary['eval_score_threshold'] < 1
+    assert 'validation_AP50' in summary and 'eval_box_recall' in summary
+  result = _run(['eval.py', '--workdir', str(workdir), '--pr_png', str(pr),
+                 '--detections_png', str(png), '--num_images', '2'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  evaluated = json.loads(result.stdout)
+  assert len(evaluated) == 2
+  for source, metrics in evaluated.items():
+    key = os.path.relpath(source, workdir)
+    for name in ('AP50', 'box_precision', 'box_recall', 'score_threshold'):
+      assert metrics[name] == pytest.approx(compare[key][f'eval_{name}'],
+                                            abs=1e-6, nan_ok=True), name
+    assert metrics['count'] == 2  # the two test images, stitched
+  for path in (png, pr):
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

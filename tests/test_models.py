@@ -104,8 +104,17 @@ DETECTORS = {'ssd_mobilenet_v1'}
 CLASSIFIERS = sorted(set(MODELS) - DETECTORS)
 
 
-@pytest.mark.parametrize('name', CLASSIFIERS)
-@pytest.mark.parametrize('num_experts', [0, 2])
+# The largest zoo models compile for 15-65 s each on 2 cores: `pytest -m
+# slow` (their layers, blocks and counts are tested by default elsewhere:
+# timm parity, peer counts, the smaller models here).
+SLOW_MODELS = {'efficientnet_b0', 'mnasnet_a1', 'mobilenet_v2', 'resnet101',
+               'resnet152'}
+
+
+@pytest.mark.parametrize('num_experts,name', [
+    pytest.param(experts, name, marks=pytest.mark.slow)
+    if name in SLOW_MODELS else (experts, name)
+    for experts in (0, 2) for name in CLASSIFIERS])
 def test_forward_train_and_eval(name, num_experts):
   model = get_model(name, num_experts=num_experts, num_classes=10)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

@@ -254,7 +254,8 @@ def test_training_loss_is_label_smoothed_cross_entropy(three_steps):
     ('activation', 'gelu', "'relu', 'relu6', 'swish', 'silu'"),
     ('conv_family', 'condconv2', "'condconv', 'dyconv', 'odconv'"),
     ('padding', 'same', "'SAME', 'symmetric'"),
-    ('strategy', 'fast', "'auto', 'vmap', 'experts', 'direct', 'loop'"),
+    ('strategy', 'fast',
+     "'auto', 'vmap', 'experts', 'direct', 'loop', 'fused'"),
 ])
 def test_unknown_string_options_name_the_valid_ones(field, value, valid):
   cfg = tiny.config(**{field: value}, num_experts=0)

@@ -208,23 +208,33 @@ def test_unaugmented_epochs_visit_every_grid_tile_once(data_dir):
 
 
 @pytest.mark.parametrize('processes', [1, 2])
+@pytest.mark.parametrize('crop_size,tiles_per_image', [(0, 1), (192, 9)])
 @pytest.mark.parametrize('split,count', [('validation', 10), ('test', 2)])
 def test_evaluation_covers_every_tile_once(data_dir, monkeypatch, processes,
-                                           split, count):
+                                           crop_size, tiles_per_image, split,
+                                           count):
+  """Every tile of every image once; each row carries its image's whole
+  ground truth and the tile's pixels (crop_size 192: 3 x 3 tiles at 0,
+  104, 208)."""
   monkeypatch.setattr(jax, 'process_count', lambda: processes)
   per_process = []
   for index in range(processes):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
-    ds = dataset(data_dir, batch_size=4 * processes)
+    ds = dataset(data_dir, batch_size=4 * processes, crop_size=crop_size,
+                 image_size=crop_size or 400)
     per_process.append(list(ds.eval_batches(split)))
   assert len({len(batches) for batches in per_process}) == 1  # in step
-  ids = [i for batches in per_process for b in batches
-         for i in b['image_id'][b['mask']]]
-  assert sorted(ids) == list(range(count))
+  rows = [(i, tuple(w)) for batches in per_process for b in batches
+          for i, w in zip(b['image_id'][b['mask']], b['window'][b['mask']])]
+  assert len(rows) == len(set(rows)) == count * tiles_per_image
+  assert sorted({i for i, _ in rows}) == list(range(count))
   examples = ds.examples(split)
   for b in (b for batches in per_process for b in batches):
     for row in np.flatnonzero(b['mask']):
-      _, boxes, labels, area = examples[b['image_id'][row]]
+      image, boxes, labels, area = examples[b['image_id'][row]]
+      top, left, bottom, right = np.round(b['window'][row] * 400).astype(int)
+      np.testing.assert_array_equal(b['image'][row],
+                                    image[top:bottom, left:right])
       k = len(boxes)
       assert b['box_mask'][row].sum() == k
       np.testing.assert_array_equal(b['boxes'][row, :k], boxes)
@@ -244,3 +254,108 @@ def test_test_split_is_the_two_whole_annotated_images(data_dir, wheel):
     np.testing.assert_allclose(
         area, (pixels[:, 2] - pixels[:, 0]) * (pixels[:, 3] - pixels[:, 1]))
     assert image.shape == (400, 400, 3) and (labels == 1).all()
+
+
+def test_training_crops_are_crop_size_within_the_scale_jitter(data_dir):
+  """crop_size 192, scale_jitter 0.5: each crop is 128-288 source pixels
+  (read back from a crown's size: boxes scale by image_size / crop)."""
+  ds = dataset(data_dir, crop_size=192, image_size=192, scale_jitter=0.5,
+               batch_size=16)
+  sizes = []
+  original = ds._crop
+  ds._crop = lambda *args: (sizes.append(args[3]), original(*args))[1]
+  take(ds.train_batches(0), 4)
+  assert len(sizes) == 64
+  assert min(sizes) >= 128 and max(sizes) <= 288
+  assert max(sizes) - min(sizes) > 80  # drawn, not fixed
+  fixed = dataset(data_dir, crop_size=192, image_size=192, batch_size=16)
+  sizes.clear()
+  fixed._crop = lambda *args: (sizes.append(args[3]), original(*args))[1]
+  take(fixed.train_batches(0), 1)
+  assert set(sizes) == {192}
+
+
+def test_photometric_jitter_changes_colours_within_tf_bounds(data_dir):
+  plain = take(dataset(data_dir).train_batches(0), 2)
+  colour = take(dataset(data_dir, augment='aerial_color').train_batches(0), 2)
+  for a, b in zip(plain, colour):
+    np.testing.assert_array_equal(a['boxes'], b['boxes'])  # same crops
+    assert not np.array_equal(a['image'], b['image'])
+    mean_a = a['image'].reshape(4, -1).mean(1)
+    mean_b = b['image'].reshape(4, -1).mean(1)
+    # brightness +-0.2 of the range; contrast and saturation keep the mean
+    # up to clipping
+    assert np.all(np.abs(mean_b - mean_a) <= 0.2 * 255 + 2)
+
+
+def test_bad_crop_size_or_jitter_is_an_error(data_dir):
+  with pytest.raises(ValueError, match='crop_size'):
+    dataset(data_dir, crop_size=500)
+  with pytest.raises(ValueError, match='crop_size'):
+    dataset(data_dir, crop_size=64)
+  with pytest.raises(ValueError, match='scale_jitter'):
+    dataset(data_dir, scale_jitter=-0.1)
+
+
+@pytest.mark.parametrize('crop_size', [0, 192])
+def test_perfect_tile_detections_stitch_to_perfect_scores(data_dir,
+                                                          crop_size):
+  """Each tile 'detects' the crowns centred in it (clipped to the tile, as
+  a detector sees them): stitched, COCO AP50 and deepforest's box
+  precision and recall are 1 on the test images (no crown there is larger
+  than the tiles' overlap)."""
+  from condconv_jax.training.tasks import DetectionEvaluator  # pylint: disable=g-import-not-at-top
+  ds = dataset(data_dir, crop_size=crop_size, image_size=crop_size or 400)
+  evaluator = DetectionEvaluator(score_threshold=0.5)
+  for b in ds.eval_batches('test'):
+    size = len(b['mask'])
+    boxes = np.zeros((size, 100, 4))
+    count = np.zeros(size, int)
+    for i in range(size):
+      w = b['window'][i]
+      gt = b['boxes'][i][b['box_mask'][i]]
+      centre = (gt[:, :2] + gt[:, 2:]) / 2
+      inside = np.all((centre >= w[:2]) & (centre < w[2:]), 1)
+      local = np.clip((gt[inside] - np.tile(w[:2], 2)) /
+                      np.tile(w[2:] - w[:2], 2), 0, 1)
+      boxes[i, :len(local)] = local
+      count[i] = len(local)
+    evaluator.add({
+        'boxes': boxes, 'scores': (np.arange(100) < count[:, None]) * 0.9,
+        'classes': (np.arange(100) < count[:, None]).astype(int),
+        'count': count, 'gt_boxes': b['boxes'], 'gt_labels': b['labels'],
+        'gt_mask': b['box_mask'], **{k: b[k] for k in (
+            'gt_area', 'gt_crowd', 'mask', 'image_id', 'image_size',
+            'window', 'core')}})
+  metrics = evaluator.result()
+  assert metrics['count'] == 2
+  assert metrics['AP50'] == pytest.approx(1.0)
+  assert metrics['box_precision'] == metrics['box_recall'] == 1.0
+
+
+def test_anchor_reach_counts_every_crown_once_per_image(data_dir):
+  """benchmarks/tree_crown_anchors.py: every crown of every image lands in
+  exactly one tile (its core), and its best anchor IoU is the brute-force
+  maximum over the anchors."""
+  from benchmarks import tree_crown_anchors  # pylint: disable=g-import-not-at-top
+  from condconv_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  config = tree_crown_anchors.load_config(REPO / 'configs' / 'tree_crowns.py')
+  config.data_dir = data_dir
+  ds = tree_crowns.TreeCrowns(config)
+  boxes, sides = tree_crown_anchors.tile_crowns(ds, 'test')
+  assert len(boxes) == len(sides) == sum(
+      len(b) for _, b, _, _ in ds.examples('test'))
+  assert sides.min() > 5 and sides.max() < 110
+  model = get_model(config.model, num_classes=2, width=config.width,
+                    **config.model_kwargs.to_dict())
+  anchors = model.anchors(config.image_size)
+  measured = tree_crown_anchors.best_anchor_iou(boxes[:8], anchors)
+  for box, found in zip(boxes[:8], measured):
+    best = 0.0
+    for anchor in anchors:
+      h = max(0.0, min(box[2], anchor[2]) - max(box[0], anchor[0]))
+      w = max(0.0, min(box[3], anchor[3]) - max(box[1], anchor[1]))
+      union = ((box[2] - box[0]) * (box[3] - box[1]) +
+               (anchor[2] - anchor[0]) * (anchor[3] - anchor[1]) - h * w)
+      best = max(best, h * w / union)
+    assert found == pytest.approx(best, rel=1e-5)

@@ -52,6 +52,7 @@ def detection_config(**overrides):
   c = tree_crowns.get_config()
   c.num_experts = 0
   c.compare_num_experts = ()
+  c.width = 0.25
   c.image_size = 64
   c.batch_size = 4
   c.num_train_steps = 4

@@ -17,7 +17,16 @@ DATASETS = {
 }
 
 
+# Datasets that read config.crop_size and config.scale_jitter.
+CROPPING = ('tree_crowns',)
+
+
 def make_dataset(config):
   """The dataset config.dataset names, built from the config."""
-  return DATASETS[check_choice('config.dataset', config.dataset,
-                               tuple(DATASETS))](config)
+  name = check_choice('config.dataset', config.dataset, tuple(DATASETS))
+  if name not in CROPPING and (config.get('crop_size') or
+                               config.get('scale_jitter')):
+    raise ValueError(f'config.crop_size and config.scale_jitter are for '
+                     f'{", ".join(CROPPING)}; {name} does not read them: '
+                     'leave them at 0.')
+  return DATASETS[name](config)

@@ -9,25 +9,31 @@ Splits (every crown is class 1, 'Tree'; SOAP_061's 'Alive' and 'Dead' too):
   train and validation: the two YELL images (2019, one site):
     2019_YELL_2_528000_4978000_image_crop2.png (2472 x 2299, 574 crowns) and
     2019_YELL_2_541000_4977000_image_crop.png (1035 x 1249, 279 crowns).
-    The bottom 400 rows of each are validation (their grid tiles), the
-    rest is training. 'aerial' augmentation draws 400 x 400 crops at random
-    positions of the training regions (an image in proportion to its
-    training area) with random horizontal and vertical flips and 90-degree
-    rotations (aerial images have no up: the 8 symmetries of the square
-    are equally likely, as the TF Object Detection API's
-    random_horizontal_flip + random_vertical_flip + random_rotation90 make
-    them); 'none' takes the training regions' grid tiles, in a fresh order
-    every epoch. A crown cut by the border between the regions is in both,
-    each keeping its part by the half-area rule below.
+    The bottom 400 rows of each are validation (their 400 x 400 grid
+    tiles), the rest is training. 'aerial' augmentation draws crops of
+    config.crop_size source pixels (400 when 0; each drawn log-uniformly
+    within a factor 1 + config.scale_jitter of it) at random positions of
+    the training regions (a region in proportion to its positions) with
+    random horizontal and vertical flips and 90-degree rotations (aerial
+    images have no up: the 8 symmetries of the square are equally likely,
+    as the TF Object Detection API's random_horizontal_flip +
+    random_vertical_flip + random_rotation90 make them); 'aerial_color'
+    adds brightness, contrast and saturation jitter; 'none' takes the
+    training regions' grid tiles of crop_size, in a fresh order every
+    epoch. A crown cut by the border between the regions is in both, each
+    keeping its part by the half-area rule below.
   test: OSBS_029.png (61 crowns) and SOAP_061.png (37), whole 400 x 400
     images from two other sites.
 
-Crops and tiles are 400 x 400 source pixels, the test images' size, and
-every one is resized (bilinear) to config.image_size, so crowns have the
-same scale in training, validation and test. Grid tiles of an image cover
-it with the fewest 400 x 400 tiles, evenly spaced; neighbours overlap, so a
-crown near a tile border is scored in each tile that keeps it (crowns
-near a tile border count in each tile that keeps them).
+Every crop and tile is resized (bilinear) to config.image_size; with
+crop_size = image_size crowns keep their native 15-75 pixels. Evaluation
+images (the 400 x 400 validation tiles and test images) are detected on
+overlapping crop_size tiles (`condconv_jax.detection.tiles`, one tile when
+crop_size is 400) that the evaluator stitches back together; each
+evaluation row is one tile, with the whole image's ground truth. Grid
+tiles of an image cover it with the fewest tiles, evenly spaced;
+neighbouring validation images overlap, so a crown near their border is
+scored in each that keeps it.
 A crop keeps a box when at least half of the box's area lies inside it,
 clipped to the crop (`common.crop_boxes` with min_overlap 0.5).
 VOC coordinates are used as given, as continuous pixel coordinates (as
@@ -38,8 +44,10 @@ MAX_BOXES: train 'image' uint8 [b, S, S, 3], 'boxes' float32 [b, G, 4]
 normalized [ymin, xmin, ymax, xmax], 'labels' int32 [b, G] (1, 0 on
 padding), 'box_mask' bool [b, G]; evaluation adds 'mask' bool [b],
 'image_id' int64 [b] (the index into examples(split)), 'image_size' int32
-[b, 2] (400, 400: the source tile), 'gt_area' float32 [b, G] (box area in
-source pixels), 'gt_crowd' bool [b, G] (all False).
+[b, 2] (400, 400: the source image), 'window' and 'core' float32 [b, 4]
+(the tile and the part of the image it keeps detections in, normalized),
+'gt_area' float32 [b, G] (box area in source pixels), 'gt_crowd' bool
+[b, G] (all False).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from PIL import Image
 
 from condconv_jax.choices import check_choice
 from condconv_jax.data import common
+from condconv_jax.detection import tiles
 from condconv_jax.detection.boxes import validate_ground_truth
 
 WHEEL = 'deepforest-2.1.0-py3-none-any.whl'
@@ -74,7 +83,16 @@ MIN_OVERLAP = 0.5  # a cut box stays when half of it is inside the crop
 # OSBS_029 has 61. About twice that, so no crown is ever dropped (a crop
 # exceeding it raises).
 MAX_BOXES = 128
-AUGMENTATIONS = ('aerial', 'none')
+# Evaluation tiles overlap by at least the largest crowns (95% are under
+# 75 pixels, the largest 108), so the tile owning a crown's centre sees it
+# whole (condconv_jax.detection.tiles).
+MIN_TILE_OVERLAP = 80
+# 'aerial_color' adds TF Object Detection API-style photometric jitter
+# (random_adjust_brightness/contrast/saturation) to 'aerial'.
+AUGMENTATIONS = ('aerial', 'aerial_color', 'none')
+BRIGHTNESS_DELTA = 0.2  # of the 0-255 range, as TF's max_delta 0.2 of 0-1
+CONTRAST_RANGE = (0.8, 1.25)
+SATURATION_RANGE = (0.8, 1.25)
 SPLITS = ('train', 'validation', 'test')
 EVAL_SPLITS = ('validation', 'test', 'train')
 DOWNLOAD = 'pip download --no-deps deepforest==2.1.0 -d {data_dir}'
@@ -200,8 +218,21 @@ class TreeCrowns(common.SquareImages):
   normalization = common.SSD_NORMALIZATION
 
   def __init__(self, config):
-    self.augment = check_choice('config.augment', config.augment,
-                                AUGMENTATIONS) == 'aerial'
+    augment = check_choice('config.augment', config.augment, AUGMENTATIONS)
+    self.augment = augment != 'none'
+    self.photometric = augment == 'aerial_color'
+    self.crop = config.crop_size or TILE
+    if not MIN_TILE_OVERLAP < self.crop <= TILE:
+      raise ValueError(f'config.crop_size must be in ({MIN_TILE_OVERLAP}, '
+                       f'{TILE}] source pixels (0: {TILE}, a test image); '
+                       f'got {config.crop_size}.')
+    if config.scale_jitter < 0:
+      raise ValueError('config.scale_jitter must be >= 0 (0: every crop '
+                       f'is crop_size); got {config.scale_jitter}.')
+    self.scale_jitter = config.scale_jitter
+    # An evaluation image's tiles: windows and cores normalized in it.
+    self.tile_windows, self.tile_cores = tiles.tile_layout(
+        TILE, self.crop, MIN_TILE_OVERLAP)
     self.images = load(config.data_dir or '')
     self.image_size = config.image_size
     self.batch_size = config.batch_size
@@ -210,7 +241,7 @@ class TreeCrowns(common.SquareImages):
     self._examples = {}
     # Windows (image, top, left) of the training regions' grid tiles; an
     # epoch is as many crops.
-    self.train_grid = self._grid('train')
+    self.train_grid = self._grid('train', self.crop)
     self.num_train = len(self.train_grid)
     self.num_eval = len(self.examples('validation'))
 
@@ -225,13 +256,13 @@ class TreeCrowns(common.SquareImages):
       regions.append((name, *rows))
     return regions
 
-  def _grid(self, split: str):
+  def _grid(self, split: str, tile: int = TILE):
     """[(image name, top, left)] of the grid tiles of a split's regions."""
     windows = []
     for name, first, end in self._regions(split):
       width = self.images[name][0].shape[1]
       windows += [(name, first + top, left)
-                  for top, left in grid(end - first, width)]
+                  for top, left in grid(end - first, width, tile)]
     return windows
 
   def _resize(self, image):
@@ -240,15 +271,27 @@ class TreeCrowns(common.SquareImages):
     return np.asarray(Image.fromarray(image).resize(
         (self.image_size, self.image_size), Image.BILINEAR))
 
-  def _crop(self, name, top, left):
+  def _crop(self, name, top, left, size: int = TILE):
     image, boxes, labels = self.images[name]
-    framed, area, kept = crop_ground_truth(boxes, top, left)
+    framed, area, kept = crop_ground_truth(boxes, top, left, size)
     if len(kept) > MAX_BOXES:
-      raise ValueError(f'A {TILE} x {TILE} crop of {name} at ({top}, {left}) '
+      raise ValueError(f'A {size} x {size} crop of {name} at ({top}, {left}) '
                        f'holds {len(kept)} boxes, more than '
                        f'tree_crowns.MAX_BOXES = {MAX_BOXES}: raise it.')
-    return (image[top:top + TILE, left:left + TILE], framed.astype(np.float32),
-            labels[kept], area.astype(np.float32))
+    return (image[top:top + size, left:left + size],
+            framed.astype(np.float32), labels[kept], area.astype(np.float32))
+
+  def _photometric(self, image, draws):
+    """Brightness, contrast and saturation jitter (TF's
+    random_adjust_brightness/contrast/saturation), from draws in [0, 1)."""
+    brightness, contrast, saturation = draws
+    x = image.astype(np.float32)
+    gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = gray[..., None] + (x - gray[..., None]) * _log_uniform(
+        SATURATION_RANGE, saturation)
+    x = x.mean() + (x - x.mean()) * _log_uniform(CONTRAST_RANGE, contrast)
+    x = x + (2 * brightness - 1) * BRIGHTNESS_DELTA * 255
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
   def examples(self, split: str):
     """[(image uint8 [400, 400, 3], boxes float32 [K, 4] normalized, labels
@@ -288,12 +331,15 @@ class TreeCrowns(common.SquareImages):
                             self.num_train)
       order = np.random.default_rng([self.seed, epoch]).permutation(
           self.num_train)
-      image, boxes, labels, _ = self._crop(*self.train_grid[order[index]])
+      image, boxes, labels, _ = self._crop(*self.train_grid[order[index]],
+                                           self.crop)
       return {'image': self._resize(image),
               **self._ground_truth(boxes, labels)}
-    name, top, left, hflip, vflip, rot90 = draws
-    image, boxes, labels, _ = self._crop(name, top, left)
-    image, boxes = dihedral(self._resize(image), boxes, hflip, vflip, rot90)
+    name, top, left, size, flips, colors = draws
+    image, boxes, labels, _ = self._crop(name, top, left, size)
+    image, boxes = dihedral(self._resize(image), boxes, *flips)
+    if self.photometric:
+      image = self._photometric(image, colors)
     return {'image': image, **self._ground_truth(boxes, labels)}
 
   def train_batches(self, start_step: int = 0):
@@ -301,11 +347,13 @@ class TreeCrowns(common.SquareImages):
     global batch from a generator keyed by (seed, k), and each process
     builds its slice."""
     regions = self._regions('train')
-    # Crop positions per image: rows first .. end - TILE, all columns.
-    spans = np.array([(end - first - TILE + 1,
-                       self.images[name][0].shape[1] - TILE + 1)
-                      for name, first, end in regions])
+    # Region sizes (rows, columns); crops of a region are weighted by its
+    # positions for a crop_size crop.
+    extents = np.array([(end - first, self.images[name][0].shape[1])
+                        for name, first, end in regions])
+    spans = extents - self.crop + 1
     weights = spans.prod(1) / spans.prod(1).sum()
+    largest = int(extents.min())
     first = jax.process_index() * self.local_batch
     step = start_step
     while True:
@@ -313,37 +361,58 @@ class TreeCrowns(common.SquareImages):
       which = rng.choice(len(regions), self.batch_size, p=weights)
       offsets = rng.random((self.batch_size, 2))
       flips = rng.random((self.batch_size, 3)) < 0.5
+      scales = rng.random(self.batch_size)
+      colors = rng.random((self.batch_size, 3))
       rows = []
       for j in range(first, first + self.local_batch):
         name, top, _ = regions[which[j]]
-        dy, dx = (offsets[j] * spans[which[j]]).astype(int)
+        size = min(largest, round(self.crop * _log_uniform(
+            (1 / (1 + self.scale_jitter), 1 + self.scale_jitter), scales[j])))
+        dy, dx = (offsets[j] * (extents[which[j]] - size + 1)).astype(int)
         rows.append(self._train_example(
-            step, j, (name, top + dy, dx, *flips[j])))
+            step, j, (name, top + dy, dx, size, flips[j], colors[j])))
       yield self._checked(self._stack(rows))
       step += 1
 
   def eval_batches(self, split: str | None = None):
-    """Every tile (validation) or image (test) once, padded and masked;
-    every process yields the same number of batches."""
+    """Every tile of every 400 x 400 image (validation tiles, test images)
+    once, padded and masked; every process yields the same number of
+    batches. A row is one crop_size tile of image 'image_id' ('window',
+    'core': `condconv_jax.detection.tiles.tile_layout`) with the whole
+    image's ground truth; the evaluator stitches the tiles together."""
     split = check_choice('config.eval_split', split or 'validation',
                          EVAL_SPLITS)
     examples = self.examples(split)
-    shards = np.array_split(np.arange(len(examples)), jax.process_count())
+    rows = [(i, k) for i in range(len(examples))
+            for k in range(len(self.tile_windows))]
+    shards = np.array_split(np.arange(len(rows)), jax.process_count())
     mine = shards[jax.process_index()]
     num_batches = math.ceil(len(shards[0]) / self.local_batch)
     for b in range(num_batches):
       ids = mine[b * self.local_batch:(b + 1) * self.local_batch]
       if len(ids):
-        batch = self._stack([self._eval_row(i, *examples[i]) for i in ids])
+        batch = self._stack([self._eval_row(*rows[r], *examples[rows[r][0]])
+                             for r in ids])
       else:  # this process's shard is done: an all-padding batch
         batch = {k: v[:0] for k, v in self._stack(
-            [self._eval_row(0, *examples[0])]).items()}
+            [self._eval_row(0, 0, *examples[0])]).items()}
       yield self._checked(common.pad_batch(batch, self.local_batch))
 
-  def _eval_row(self, index, image, boxes, labels, area):
+  def _eval_row(self, index, tile, image, boxes, labels, area):
     gt_area = np.zeros(MAX_BOXES, np.float32)
     gt_area[:len(area)] = area
-    return {'image': self._resize(image), **self._ground_truth(boxes, labels),
+    top, left, bottom, right = np.round(self.tile_windows[tile] * TILE
+                                        ).astype(int)
+    return {'image': self._resize(image[top:bottom, left:right]),
+            **self._ground_truth(boxes, labels),
+            'window': self.tile_windows[tile].astype(np.float32),
+            'core': self.tile_cores[tile].astype(np.float32),
             'image_id': np.int64(index),
             'image_size': np.array([TILE, TILE], np.int32),
             'gt_area': gt_area, 'gt_crowd': np.zeros(MAX_BOXES, bool)}
+
+
+def _log_uniform(bounds, draw: float) -> float:
+  """A factor in [low, high], log-uniform, from a draw in [0, 1)."""
+  low, high = np.log(bounds[0]), np.log(bounds[1])
+  return float(np.exp(low + (high - low) * draw))

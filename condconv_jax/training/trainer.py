@@ -126,6 +126,10 @@ def has_dynamic_convs(model) -> bool:
           and getattr(model, 'num_experts', 0) > 0)
 
 
+POSTPROCESS_FIELDS = ('score_threshold', 'iou_threshold', 'max_detections',
+                      'score_converter', 'scale_factors')
+
+
 def make_task(config, dataset, model):
   """The dataset's task: detection (SSD loss and COCO metrics; the anchors
   of the model at the dataset's image size) or classification."""
@@ -142,7 +146,15 @@ def make_task(config, dataset, model):
     except TypeError as error:
       raise ValueError(f'config.loss_kwargs: {error}; the fields are those of '
                        f'condconv_jax.detection.SSDLoss.') from None
-    return tasks.Detection(model.anchors(dataset.image_shape[:2]), loss)
+    kwargs = config.postprocess_kwargs.to_dict()
+    unknown = sorted(set(kwargs) - set(POSTPROCESS_FIELDS))
+    if unknown:
+      raise ValueError(f'config.postprocess_kwargs: unknown {unknown}; the '
+                       f'fields are {POSTPROCESS_FIELDS} (condconv_jax.'
+                       'detection.postprocess).')
+    return tasks.Detection(model.anchors(dataset.image_shape[:2]), loss,
+                           postprocess_kwargs=kwargs,
+                           score_threshold=config.score_threshold)
   return tasks.Classification(dataset.num_classes, config.label_smoothing)
 
 
@@ -294,11 +306,16 @@ class Trainer:
   def evaluate(self, variables, split: str | None = None) -> dict:
     """The task's metrics over every example of an evaluation split
     (default: config.eval_split, else the dataset's evaluation split)."""
+    return self.evaluated(variables, split).result()
+
+  def evaluated(self, variables, split: str | None = None):
+    """The task's evaluator after every example of a split: its result()
+    gives the metrics (detectors: it also keeps what pictures need)."""
     evaluator = self.task.evaluator()
     for batch in self.dataset.eval_batches(split or self.eval_split):
       evaluator.add(jax.device_get(self.eval_step(variables,
                                                   self.to_global(batch))))
-    return evaluator.result()
+    return evaluator
 
 
 def _prefetch_to_device(batches, size: int = 2):
