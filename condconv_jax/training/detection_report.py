@@ -66,12 +66,11 @@ def per_image(evaluator, score_threshold: float) -> dict:
   score threshold, from an evaluator after result() (process 0)."""
   found = {}
   for image_id, image in sorted(evaluator.images.items()):
-    scale = np.tile(np.asarray(image['image_size'], np.float64), 2)
-    gt = image['gt_boxes'][image['gt_mask'].astype(bool)] * scale
-    precision, recall = box_match.precision_recall(
-        [(gt, image['boxes'] * scale, image['scores'])], score_threshold)
+    gt, boxes, scores = tasks.in_pixels(image)
+    precision, recall = box_match.precision_recall([(gt, boxes, scores)],
+                                                   score_threshold)
     found[image_id] = {
         'box_precision': precision, 'box_recall': recall,
         'objects': len(gt),
-        'detections': int(np.sum(image['scores'] >= score_threshold))}
+        'detections': int(np.sum(scores >= score_threshold))}
   return found

@@ -179,12 +179,7 @@ class DetectionEvaluator:
           'image_size': image['image_size'][None],
           **{k: image[k][None] for k in GT_KEYS}})
     metrics = coco.result()
-    pixel_images = []
-    for image in self.images.values():
-      scale = np.tile(np.asarray(image['image_size'], np.float64), 2)
-      real = image['gt_mask'].astype(bool)
-      pixel_images.append((image['gt_boxes'][real] * scale,
-                           image['boxes'] * scale, image['scores']))
+    pixel_images = [in_pixels(image) for image in self.images.values()]
     self.curve = box_match.curve(pixel_images)
     best = box_match.best_f1_threshold(self.curve)
     threshold = best if self.score_threshold is None else self.score_threshold
@@ -204,6 +199,15 @@ class DetectionEvaluator:
     if jax.process_count() > 1:
       values = np.asarray(multihost_utils.broadcast_one_to_all(values))
     return {name: float(v) for name, v in zip(names, values)}
+
+
+def in_pixels(image):
+  """One of `DetectionEvaluator.images` as box_match takes it: (real
+  ground-truth boxes [G, 4], detections [D, 4], scores [D]), in pixels."""
+  scale = np.tile(np.asarray(image['image_size'], np.float64), 2)
+  real = image['gt_mask'].astype(bool)
+  return image['gt_boxes'][real] * scale, image['boxes'] * scale, image[
+      'scores']
 
 
 BOX_METRICS = ('box_precision', 'box_recall', 'score_threshold',
